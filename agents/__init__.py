@@ -1,0 +1,1 @@
+"""The in-VM agent (light: no nftables, libvirt or pyudev imports)."""

@@ -1,0 +1,1 @@
+"""dom0: the network controller of a Linux virtualization host."""

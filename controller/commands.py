@@ -1,0 +1,107 @@
+"""Sub-command registration for `dom0`. Each handler imports its module lazily
+so that `dom0 policy check` does not pay for trio, pyroute2 or nftables."""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_STATE = "/var/lib/dom0"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _policy(sub)
+    _plan(sub)
+    _run(sub)
+    _status(sub)
+    _lab(sub)
+    _bench(sub)
+
+
+def _policy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("policy", help="policy files: check")
+    psub = p.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=type(p))
+    psub.required = True
+    check = psub.add_parser("check", help="validate policy files; one line per problem")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("--json", action="store_true", help="machine-readable result")
+
+    def handler(args: argparse.Namespace) -> int:
+        from controller.policy.check import check_command
+
+        return check_command(args.files, as_json=args.json)
+
+    check.set_defaults(handler=handler)
+
+
+def _plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="show what the controller would change now; changes nothing")
+    p.add_argument("--policy", required=True, metavar="FILE")
+    p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR")
+    p.add_argument("--json", action="store_true")
+
+    def handler(args: argparse.Namespace) -> int:
+        from controller.planview import plan_command
+
+        return plan_command(args.policy, args.state, as_json=args.json)
+
+    p.set_defaults(handler=handler)
+
+
+def _run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the controller in the foreground")
+    p.add_argument("--policy", required=True, metavar="FILE")
+    p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--resync",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="periodic full comparison against the kernel (default 60)",
+    )
+
+    def handler(args: argparse.Namespace) -> int:
+        from controller.engine import run_command
+
+        return run_command(args.policy, args.state, args.log_level, args.resync)
+
+    p.set_defaults(handler=handler)
+
+
+def _status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="machines the running controller knows")
+    p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR")
+    p.add_argument("--json", action="store_true")
+
+    def handler(args: argparse.Namespace) -> int:
+        from controller.control import status_command
+
+        return status_command(args.state, as_json=args.json)
+
+    p.set_defaults(handler=handler)
+
+
+def _lab(sub: argparse._SubParsersAction) -> None:
+    from controller.lab.commands import register as register_lab
+
+    p = sub.add_parser("lab", help="a whole dom0 host in network namespaces")
+    register_lab(p)
+
+
+def _bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure the controller's costs")
+    bsub = p.add_subparsers(dest="bench_command", metavar="WHAT", parser_class=type(p))
+    bsub.required = True
+    r = bsub.add_parser("reconcile", help="admit one machine / full rebuild, vs. machines present")
+    r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    r.add_argument("--sizes", default="10,1000,10000", help="comma-separated machine counts")
+    r.add_argument("--runs", type=int, default=50, help="admissions measured per size")
+    r.add_argument("--rebuilds", type=int, default=10, help="full rebuilds measured per size")
+    r.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
+
+    def handler(args: argparse.Namespace) -> int:
+        from controller.bench.reconcile import bench_command
+
+        return bench_command(args)
+
+    r.set_defaults(handler=handler)

@@ -1,0 +1,128 @@
+"""The local control socket (`STATE/control.sock`, mode 0600) and `dom0 status`.
+
+Protocol: one JSON object per line in, one JSON object per line out, then
+the server closes. Requests are bounded (4 KiB) and validated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+MAX_REQUEST = 4096
+SOCKET_NAME = "control.sock"
+
+Handler = Callable[[dict], dict]
+
+
+async def serve(
+    state_dir: Path,
+    handler: Handler,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    path = state_dir / SOCKET_NAME
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    try:
+        await trio.serve_listeners(lambda s: _client(s, handler), [listener])
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+async def _client(stream: trio.SocketStream, handler: Handler) -> None:
+    async with stream:
+        buf = b""
+        with trio.move_on_after(5):
+            while b"\n" not in buf and len(buf) <= MAX_REQUEST:
+                chunk = await stream.receive_some(MAX_REQUEST)
+                if not chunk:
+                    break
+                buf += chunk
+        line = buf.split(b"\n", 1)[0]
+        if len(line) > MAX_REQUEST:
+            reply = {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
+        else:
+            try:
+                request = json.loads(line)
+                if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+                    raise ValueError("expected an object with a string 'cmd'")
+                reply = handler(request)
+            except ValueError as e:
+                reply = {"ok": False, "error": f"bad request: {e}"}
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+
+def request(state_dir: str | Path, cmd: str, timeout: float = 5.0, **args: object) -> dict:
+    """Blocking client (for the CLI)."""
+    path = Path(state_dir) / SOCKET_NAME
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
+
+def format_status(reply: dict) -> str:
+    machines = reply.get("machines", [])
+    cols = ["mac", "port", "state", "rule", "domain", "name", "address"]
+    rows = [[str(m.get(c) or "-") for c in cols] for m in machines]
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+    lines = [
+        f"policy {reply.get('policy')}  bridge {reply.get('bridge')}  "
+        f"machines {len(machines)}  reconciles {reply.get('stats', {}).get('reconciles')}  "
+        f"errors {reply.get('stats', {}).get('errors')}"
+    ]
+    if reply.get("last_policy_error"):
+        lines.append(f"policy reload refused: {reply['last_policy_error']}")
+    lines.append("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in rows:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    for m in machines:
+        if m.get("reason"):
+            lines.append(f"{m['mac']}: {m['reason']}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def status_command(state_dir: str, *, as_json: bool = False) -> int:
+    try:
+        reply = request(state_dir, "status")
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(
+            f"dom0 status: no controller is running with state {state_dir} "
+            f"({Path(state_dir) / SOCKET_NAME} does not answer)",
+            file=sys.stderr,
+        )
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"dom0 status: {state_dir}: {e}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(reply, indent=2))
+    else:
+        print(format_status(reply))
+    return 0 if reply.get("ok", True) else 1

@@ -1,0 +1,237 @@
+"""Rule slots and addresses: who holds which name and address.
+
+A machine (a MAC) holds one slot of the rule it matches; the slot gives its
+name (`web{n}` -> web3) and an address from its domain's pool. Slots and
+addresses never collide, and once decided they are stored, so they are
+stable across restarts. An absent machine keeps both until it has been gone
+longer than the policy's `release_after`; only then may another take them.
+
+`Ledger` is the in-memory index of every allocation, kept so that deciding
+for one machine costs the same with ten machines present or ten thousand.
+It does no I/O: the engine persists what `decide` returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network
+
+from controller.policy.model import QUARANTINE, Policy
+
+QUARANTINE_RULE = QUARANTINE
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    mac: str
+    rule: str  # rule name, or "quarantine"
+    slot: int  # 1-based, within the rule
+    domain: str  # domain name, or "quarantine"
+    address: str | None  # None: quarantined without a quarantine pool
+    port: str  # the bridge port the MAC is bound to
+    absent_since: int | None = None  # unix time the machine was last seen leaving
+
+    def released(self, now: int, release_after: int) -> bool:
+        return self.absent_since is not None and now - self.absent_since >= release_after
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What the policy says a machine should get (before slots/addresses)."""
+
+    rule: str
+    domain: str
+    pool: IPv4Network | None
+    gateway: IPv4Address | None
+    max_slots: int
+
+
+class PoolExhausted(Exception):
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+def target_for(policy: Policy, rule_name: str | None) -> Target:
+    if rule_name is None:
+        q = policy.quarantine
+        size = _capacity(q.pool) if q.pool else 1 << 16
+        return Target(QUARANTINE_RULE, QUARANTINE, q.pool, q.gateway, size)
+    rule = next(r for r in policy.rules if r.name == rule_name)
+    domain = policy.domains[rule.domain]
+    return Target(rule.name, domain.name, domain.pool, domain.gateway, rule.max_slots)
+
+
+def _capacity(pool: IPv4Network) -> int:
+    return max(pool.num_addresses - 3, 1)
+
+
+def _hosts_start(pool: IPv4Network, gateway: IPv4Address | None, key: str) -> int:
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % pool.num_addresses
+
+
+class Ledger:
+    """Every allocation, indexed by MAC, by (rule, slot) and by (domain, address)."""
+
+    def __init__(self, allocations: Iterable[Allocation] = ()) -> None:
+        self.by_mac: dict[str, Allocation] = {}
+        self.slots: dict[str, dict[int, str]] = {}  # rule -> slot -> mac
+        self.addresses: dict[str, dict[str, str]] = {}  # domain -> address -> mac
+        self._hint: dict[str, int] = {}  # rule -> every slot below it is held
+        self.ports: dict[str, set[str]] = {}  # port -> macs bound to it
+        for a in allocations:
+            self.put(a)
+
+    def __len__(self) -> int:
+        return len(self.by_mac)
+
+    def get(self, mac: str) -> Allocation | None:
+        return self.by_mac.get(mac)
+
+    def put(self, a: Allocation) -> None:
+        old = self.by_mac.get(a.mac)
+        if old is not None:
+            self._unindex(old)
+        holder = self.slots.setdefault(a.rule, {}).get(a.slot)
+        if holder is not None and holder != a.mac:
+            raise ValueError(f"slot {a.rule}/{a.slot} already held by {holder}")
+        if a.address is not None:
+            holder = self.addresses.setdefault(a.domain, {}).get(a.address)
+            if holder is not None and holder != a.mac:
+                raise ValueError(f"address {a.address} in {a.domain} already held by {holder}")
+            self.addresses[a.domain][a.address] = a.mac
+        self.slots[a.rule][a.slot] = a.mac
+        self.ports.setdefault(a.port, set()).add(a.mac)
+        self.by_mac[a.mac] = a
+
+    def remove(self, mac: str) -> Allocation | None:
+        old = self.by_mac.pop(mac, None)
+        if old is not None:
+            self._unindex(old)
+        return old
+
+    def on_port(self, port: str) -> frozenset[str]:
+        return frozenset(self.ports.get(port, ()))
+
+    def _unindex(self, a: Allocation) -> None:
+        self.slots.get(a.rule, {}).pop(a.slot, None)
+        macs = self.ports.get(a.port)
+        if macs is not None:
+            macs.discard(a.mac)
+            if not macs:
+                del self.ports[a.port]
+        if a.slot < self._hint.get(a.rule, 1):
+            self._hint[a.rule] = a.slot
+        if a.address is not None:
+            self.addresses.get(a.domain, {}).pop(a.address, None)
+
+    # -- choosing ----------------------------------------------------------------
+    def free_slot(self, t: Target) -> int | None:
+        held = self.slots.get(t.rule, {})
+        n = self._hint.get(t.rule, 1)
+        while n in held:
+            n += 1
+        self._hint[t.rule] = n
+        return n if n <= t.max_slots else None
+
+    def free_address(self, t: Target, key: str) -> str | None:
+        """An unused host address of the pool, starting from a point derived
+        from `key` so that addresses look arbitrary but are reproducible."""
+        if t.pool is None:
+            return None
+        used = self.addresses.get(t.domain, {})
+        size = t.pool.num_addresses
+        base = int(t.pool.network_address)
+        start = _hosts_start(t.pool, t.gateway, key)
+        reserved = {base, base + size - 1}
+        if t.gateway is not None:
+            reserved.add(int(t.gateway))
+        for i in range(size):
+            candidate = base + (start + i) % size
+            if candidate in reserved:
+                continue
+            text = str(IPv4Address(candidate))
+            if text not in used:
+                return text
+        return None
+
+    def reclaimable(self, rule: str, domain: str, now: int, release_after: int) -> list[Allocation]:
+        """Released allocations that hold a slot of `rule` or an address of
+        `domain`, longest gone first. Only scanned when a pool is full."""
+        out = [
+            a
+            for a in self.by_mac.values()
+            if (a.rule == rule or a.domain == domain) and a.released(now, release_after)
+        ]
+        return sorted(out, key=lambda a: (a.absent_since or 0, a.mac))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allocation: Allocation
+    released: tuple[Allocation, ...] = ()  # allocations given up to make room
+    changed: bool = True
+
+
+def fits(current: Allocation, t: Target) -> bool:
+    """Whether a machine may keep its allocation under (possibly new) target t."""
+    if current.rule != t.rule or current.domain != t.domain or current.slot > t.max_slots:
+        return False
+    if t.pool is None or current.address is None:
+        return t.pool is None and current.address is None
+    address = IPv4Address(current.address)
+    return (
+        address in t.pool
+        and address != t.gateway
+        and address
+        not in (
+            t.pool.network_address,
+            t.pool.broadcast_address,
+        )
+    )
+
+
+def assign(
+    ledger: Ledger, t: Target, mac: str, port: str, now: int, release_after: int
+) -> Decision:
+    """Decide, and record in the ledger, the allocation `mac` holds under `t`.
+
+    Keeps the current slot and address when they still fit; otherwise takes
+    the lowest free slot and a free address, reclaiming released allocations
+    (longest gone first) only when the rule or the pool is full. On
+    PoolExhausted the ledger is left as it was."""
+    current = ledger.get(mac)
+    if current is not None and fits(current, t):
+        updated = replace(current, port=port, absent_since=None)
+        if updated != current:
+            ledger.put(updated)
+        return Decision(updated, changed=updated != current)
+
+    if current is not None:
+        ledger.remove(mac)
+    released: list[Allocation] = []
+    key = f"{t.domain}|{t.rule}|{mac}"
+    victims = iter(())
+    while True:
+        slot = ledger.free_slot(t)
+        address = ledger.free_address(t, key)
+        if slot is not None and (t.pool is None or address is not None):
+            break
+        if not released:
+            victims = iter(ledger.reclaimable(t.rule, t.domain, now, release_after))
+        victim = next(victims, None)
+        if victim is None:
+            for a in released:
+                ledger.put(a)
+            if current is not None:
+                ledger.put(current)
+            what = f"rule {t.rule!r} has no free slot" if slot is None else f"pool {t.pool} is full"
+            raise PoolExhausted(what)
+        ledger.remove(victim.mac)
+        released.append(victim)
+    allocation = Allocation(mac, t.rule, slot, t.domain, address, port, None)
+    ledger.put(allocation)
+    return Decision(allocation, tuple(released))

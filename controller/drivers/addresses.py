@@ -1,0 +1,99 @@
+"""Addresses, links and forwarding through pyroute2 (netlink).
+
+dom0's gateway address for each domain pool lives on the managed bridge.
+Addresses dom0 adds carry its own IFA_PROTO number, so it recognises and
+removes only its own and never touches an address somebody else put there.
+
+pyroute2 0.9's IPRoute is thread-affine: one instance, used from the thread
+that created it (the controller's trio thread; every call here is a single
+fast netlink round trip).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+DOM0_PROTO = 0x64  # IFA_PROTO of the addresses dom0 owns ("d")
+_SYSCTLS = {
+    "net/ipv4/ip_forward": "1",
+    # With br_netfilter, bridged IPv4 also meets the inet tables' policy.
+    "net/bridge/bridge-nf-call-iptables": "1",
+    "net/bridge/bridge-nf-call-ip6tables": "1",
+}
+
+
+class AddressError(Exception):
+    pass
+
+
+class Addresses:
+    def __init__(self) -> None:
+        self.ipr = IPRoute()
+
+    def close(self) -> None:
+        self.ipr.close()
+
+    def link_index(self, name: str) -> int | None:
+        found = self.ipr.link_lookup(ifname=name)
+        return found[0] if found else None
+
+    def owned(self, bridge: str) -> frozenset[str]:
+        """dom0's own addresses on the bridge, as 'a.b.c.d/len'."""
+        index = self.link_index(bridge)
+        if index is None:
+            return frozenset()
+        return frozenset(
+            f"{a.get('IFA_LOCAL') or a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+            for a in self.ipr.get_addr(index=index, family=2)
+            if a.get("IFA_PROTO") == DOM0_PROTO
+        )
+
+    def apply(self, bridge: str, add: frozenset[str], delete: frozenset[str]) -> None:
+        index = self.link_index(bridge)
+        if index is None:
+            raise AddressError(f"bridge {bridge!r} does not exist")
+        for cidr in sorted(delete):
+            iface = ipaddress.IPv4Interface(cidr)
+            try:
+                self.ipr.addr(
+                    "del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
+                )
+            except NetlinkError as e:
+                if e.code != 99:  # EADDRNOTAVAIL: already gone
+                    raise AddressError(f"cannot remove {cidr} from {bridge}: {e}") from e
+        for cidr in sorted(add):
+            iface = ipaddress.IPv4Interface(cidr)
+            try:
+                self.ipr.addr(
+                    "add",
+                    index=index,
+                    address=str(iface.ip),
+                    prefixlen=iface.network.prefixlen,
+                    proto=DOM0_PROTO,
+                )
+            except NetlinkError as e:
+                if e.code != 17:  # EEXIST
+                    raise AddressError(f"cannot add {cidr} to {bridge}: {e}") from e
+        self.ipr.link("set", index=index, state="up")
+
+
+def enable_forwarding(proc_sys: Path = Path("/proc/sys")) -> None:
+    """Forwarding in dom0's own network namespace (the controller's)."""
+    for key, value in _SYSCTLS.items():
+        path = proc_sys / key
+        if not path.exists():
+            log.warning(
+                "sysctl %s absent (br_netfilter not loaded?): bridged traffic is "
+                "policed by the bridge table only",
+                key.replace("/", "."),
+            )
+            continue
+        if path.read_text().strip() != value:
+            path.write_text(value)

@@ -1,0 +1,250 @@
+"""DHCP for machines without an agent: dnsmasq on the bridge.
+
+The controller starts dnsmasq in the foreground (its own process group, so
+that it outlives the controller: the data plane keeps running when the
+controller stops or crashes) and records it in `dhcp/dnsmasq.json`; a
+restarted controller adopts the running dnsmasq when its command line is
+still the one wanted, instead of starting a second one.
+
+Reservations are one file per machine in `dhcp/hosts/` (dnsmasq's
+--dhcp-hostsdir, re-read via inotify). Files are written next door and
+renamed in, so dnsmasq never reads half a file. dnsmasq only *adds* records
+from that directory on its own; a removed or rewritten reservation needs a
+SIGHUP, which `write_hosts` reports. Ranges are `static`: a machine without a
+reservation gets no address at all, so a machine's first lease is the one
+the controller chose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+import trio
+
+from controller.core.desired import DhcpConfig, DhcpHost
+
+log = logging.getLogger(__name__)
+
+
+def dnsmasq_argv(config: DhcpConfig, state_dir: Path, binary: str = "dnsmasq") -> list[str]:
+    d = state_dir / "dhcp"
+    argv = [
+        binary,
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--port=0",  # no DNS here: unbound serves names (a later issue)
+        f"--interface={config.bridge}",
+        "--bind-interfaces",
+        f"--dhcp-hostsdir={d / 'hosts'}",
+        f"--dhcp-leasefile={d / 'leases'}",
+        "--no-ping",  # the controller already guarantees addresses are unique
+        "--dhcp-authoritative",
+        f"--log-facility={d / 'dnsmasq.log'}",
+        "--log-dhcp",
+        "--pid-file=",
+    ]
+    for r in config.ranges:
+        argv.append(
+            f"--dhcp-range=set:{r.tag},{r.network.network_address},static,"
+            f"{r.network.netmask},{config.lease_seconds}"
+        )
+        argv.append(f"--domain={r.domain_name},{r.network}")
+        if r.router:
+            argv.append(f"--dhcp-option=tag:{r.tag},option:router,{r.router}")
+        else:
+            argv.append(f"--dhcp-option=tag:{r.tag},option:router")
+    return argv
+
+
+def _host_file(mac: str) -> str:
+    return mac.replace(":", "-")
+
+
+def parse_host_line(line: str) -> DhcpHost | None:
+    parts = line.strip().split(",")
+    if len(parts) != 4 or not parts[1].startswith("set:"):
+        return None
+    return DhcpHost(parts[0], parts[2], parts[3], parts[1][4:])
+
+
+class HostsDir:
+    """The reservation files. The state dir is 0711 and this dir 0755:
+    dnsmasq reads it after dropping to an unprivileged user."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "dhcp"
+        self.dir = self.root / "hosts"
+        self.tmp = self.root / "tmp"
+        for d in (self.root, self.dir, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+            d.chmod(0o755)
+
+    def read(self) -> dict[str, DhcpHost]:
+        out = {}
+        for f in self.dir.iterdir():
+            host = parse_host_line(f.read_text()) if f.is_file() else None
+            if host is not None and _host_file(host.mac) == f.name:
+                out[host.mac] = host
+            else:
+                f.unlink(missing_ok=True)  # not ours or damaged: the controller rewrites
+        return out
+
+    def write(self, put: Mapping[str, DhcpHost], delete: frozenset[str] | set[str]) -> None:
+        for mac in delete:
+            (self.dir / _host_file(mac)).unlink(missing_ok=True)
+        for mac, host in put.items():
+            tmp = self.tmp / _host_file(mac)
+            tmp.write_text(host.line())
+            tmp.chmod(0o644)
+            os.replace(tmp, self.dir / _host_file(mac))
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22: starttime
+
+
+class Dnsmasq:
+    """Supervises one dnsmasq for the current DhcpConfig."""
+
+    def __init__(self, state_dir: Path, binary: str | None = None) -> None:
+        self.state_dir = state_dir
+        self.hosts = HostsDir(state_dir)
+        self.record = self.hosts.root / "dnsmasq.json"
+        self.binary = binary or shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+        self.config: DhcpConfig | None = None
+        self.pid: int | None = None
+        self._changed = trio.Event()
+        self.restarts = 0
+
+    def _argv(self) -> list[str]:
+        assert self.config is not None
+        return dnsmasq_argv(self.config, self.state_dir, self.binary)
+
+    def _digest(self, argv: list[str]) -> str:
+        return hashlib.sha256("\0".join(argv).encode()).hexdigest()
+
+    def _recorded(self) -> tuple[int, str, str] | None:
+        try:
+            r = json.loads(self.record.read_text())
+            return int(r["pid"]), str(r["start"]), str(r["argv"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def alive(self) -> bool:
+        rec = self._recorded()
+        return rec is not None and _start_time(rec[0]) == rec[1]
+
+    def configure(self, config: DhcpConfig) -> None:
+        """Ask the supervisor to run dnsmasq with `config` (restart if needed)."""
+        if config != self.config:
+            self.config = config
+            self._changed.set()
+
+    def reload_hosts(self) -> None:
+        """SIGHUP: dnsmasq forgets removed or rewritten reservations."""
+        rec = self._recorded()
+        if rec and _start_time(rec[0]) == rec[1]:
+            os.kill(rec[0], signal.SIGHUP)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep dnsmasq running with the latest config, forever. Leaves it
+        running on cancellation: the data plane outlives the controller."""
+        started = False
+        proc: trio.Process | None = None  # set when dnsmasq is our own child
+        while True:
+            while self.config is None:
+                await self._changed.wait()
+                self._changed = trio.Event()
+            self._changed = trio.Event()
+            argv = self._argv()
+            digest = self._digest(argv)
+            rec = self._recorded()
+            running = rec is not None and _start_time(rec[0]) == rec[1]
+            if rec and running and rec[2] == digest:
+                pid = rec[0]
+                if proc is None or proc.pid != pid:
+                    proc = None
+                    log.info("dhcp: adopted running dnsmasq pid %d", pid)
+            else:
+                if rec and running:
+                    log.info("dhcp: stopping dnsmasq pid %d (configuration changed)", rec[0])
+                    await _stop(rec[0], proc if proc and proc.pid == rec[0] else None)
+                proc = await trio.lowlevel.open_process(
+                    argv,
+                    start_new_session=True,  # not in the controller's process group
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                pid = proc.pid
+                tmp = self.record.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"pid": pid, "start": _start_time(pid), "argv": digest}))
+                os.replace(tmp, self.record)
+                log.info("dhcp: started dnsmasq pid %d", pid)
+            self.pid = pid
+            if not started:
+                started = True
+                task_status.started()
+            if await self._wait_exit_or_change(pid, proc):
+                self.restarts += 1
+                proc = None
+                log.error(
+                    "dhcp: dnsmasq pid %d exited; restarting in 1 s (see %s)",
+                    pid,
+                    self.hosts.root / "dnsmasq.log",
+                )
+                await trio.sleep(1)
+
+    async def _wait_exit_or_change(self, pid: int, proc: trio.Process | None) -> bool:
+        """True when dnsmasq exited, False when the wanted config changed."""
+        exited = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch_exit() -> None:
+                nonlocal exited
+                await _wait_exit(pid, proc)
+                exited = True
+                nursery.cancel_scope.cancel()
+
+            async def watch_change() -> None:
+                await self._changed.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_exit)
+            nursery.start_soon(watch_change)
+        return exited
+
+
+async def _wait_exit(pid: int, proc: trio.Process | None) -> None:
+    if proc is not None:  # our child: wait() also reaps it
+        await proc.wait()
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+async def _stop(pid: int, proc: trio.Process | None) -> None:
+    os.kill(pid, signal.SIGTERM)
+    with trio.move_on_after(5):
+        await _wait_exit(pid, proc)
+        return
+    os.kill(pid, signal.SIGKILL)
+    await _wait_exit(pid, proc)

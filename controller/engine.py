@@ -1,0 +1,216 @@
+"""`dom0 run`: the always-on controller.
+
+One trio nursery owns every task: the netlink source, the reconcile loop,
+dnsmasq's supervisor, the policy watcher, signal handling and the control
+socket. Source events, reload and resync requests all go through one
+channel into the reconcile loop, which folds whatever has queued up and then
+reconciles once: bursts of events coalesce into one transaction.
+
+SIGTERM (or SIGINT) stops the controller and leaves the data plane in place:
+nftables tables, gateway addresses and dnsmasq keep working, fail-closed.
+SIGHUP, `dom0 reload`-style requests or a changed policy file reload the
+policy; an invalid policy is refused and logged, and the last good one keeps
+running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from controller import control
+from controller.drivers.addresses import Addresses, enable_forwarding
+from controller.drivers.dhcp import Dnsmasq
+from controller.drivers.nft import Nft
+from controller.policy.load import PolicyError, load_policy
+from controller.policy.model import Policy
+from controller.reconcile import Reconciler
+
+log = logging.getLogger("dom0")
+
+
+@dataclass(frozen=True)
+class Reload:
+    why: str
+
+
+@dataclass(frozen=True)
+class Resync:
+    why: str
+
+
+class Controller:
+    def __init__(self, policy_path: Path, policy: Policy, state_dir: Path, resync: float) -> None:
+        self.policy_path = policy_path
+        self.policy_digest = _digest(policy_path)
+        self.state_dir = state_dir
+        self.resync_every = resync
+        self.dnsmasq = Dnsmasq(state_dir)
+        self.reconciler = Reconciler(
+            policy, state_dir, nft=Nft(), addresses=Addresses(), dnsmasq=self.dnsmasq
+        )
+        self.last_policy_error: str | None = None
+        self.send, self.recv = trio.open_memory_channel[object](10_000)
+
+    # -- tasks -------------------------------------------------------------------
+    async def run(self) -> None:
+        from controller.sources.netlink import NetlinkSource
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._signals, nursery.cancel_scope)
+            nursery.start_soon(self.dnsmasq.run)
+            await nursery.start(NetlinkSource().run, self.send.clone())
+            nursery.start_soon(self._loop)
+            nursery.start_soon(self._watch_policy)
+            await nursery.start(control.serve, self.state_dir, self._handle)
+            log.info(
+                "controller running: policy %s, bridge %s, state %s",
+                self.policy_path,
+                self.reconciler.policy.bridge,
+                self.state_dir,
+            )
+
+    async def _loop(self) -> None:
+        rec = self.reconciler
+        while True:
+            with trio.move_on_after(self.resync_every) as scope:
+                self._take(await self.recv.receive())
+            if scope.cancelled_caught:
+                rec.dirty_all = True
+            while True:  # coalesce whatever else is queued
+                try:
+                    self._take(self.recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            if rec.pending:
+                try:
+                    rec.reconcile()
+                except Exception as e:  # the data plane stays; try again from scratch
+                    log.exception("reconcile failed")
+                    rec.stats.errors += 1
+                    rec.stats.last_error = str(e)
+                    rec.force_rebuild = True
+                    await trio.sleep(1)
+                    await self.send.send(Resync("after a failure"))
+
+    def _take(self, item: object) -> None:
+        if isinstance(item, Reload):
+            self._reload(item.why)
+        elif isinstance(item, Resync):
+            self.reconciler.dirty_all = True
+        else:
+            self.reconciler.observe(item)
+
+    def _reload(self, why: str) -> None:
+        try:
+            policy = load_policy(self.policy_path)
+        except PolicyError as e:
+            self.last_policy_error = "; ".join(map(str, e.problems))
+            for p in e.problems:
+                log.error("policy reload (%s) refused: %s", why, p)
+            log.error("keeping the last good policy")
+            self.policy_digest = _digest(self.policy_path)
+            return
+        self.last_policy_error = None
+        self.policy_digest = _digest(self.policy_path)
+        if policy == self.reconciler.policy:
+            log.info("policy reload (%s): unchanged", why)
+            return
+        log.info("policy reload (%s): applying %s", why, self.policy_path)
+        self.reconciler.set_policy(policy)
+
+    async def _watch_policy(self) -> None:
+        while True:
+            await trio.sleep(1)
+            digest = _digest(self.policy_path)
+            if digest != self.policy_digest:
+                self.policy_digest = digest
+                await self.send.send(Reload("file changed"))
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                if sig == signal.SIGHUP:
+                    await self.send.send(Reload("SIGHUP"))
+                else:
+                    log.info(
+                        "%s: stopping; the data plane stays in place", signal.Signals(sig).name
+                    )
+                    scope.cancel()
+                    return
+
+    # -- control socket ------------------------------------------------------------
+    def _handle(self, request: dict) -> dict:
+        rec = self.reconciler
+        cmd = request["cmd"]
+        if cmd == "status":
+            s = rec.stats
+            return {
+                "ok": True,
+                "policy": str(self.policy_path),
+                "bridge": rec.policy.bridge,
+                "last_policy_error": self.last_policy_error,
+                "dnsmasq_pid": self.dnsmasq.pid,
+                "stats": {
+                    "reconciles": s.reconciles,
+                    "syncs": s.syncs,
+                    "rebuilds": s.rebuilds,
+                    "errors": s.errors,
+                    "last_error": s.last_error,
+                    "uptime": round(time.time() - s.started, 1),
+                },
+                "machines": [m.to_json() for m in rec.machines()],
+            }
+        if cmd in ("reload", "resync"):
+            item = Reload("control socket") if cmd == "reload" else Resync("control socket")
+            try:
+                self.send.send_nowait(item)
+            except trio.WouldBlock:
+                return {"ok": False, "error": "busy, try again"}
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}, expected status, reload or resync"}
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def run_command(policy_file: str, state_dir: str, log_level: str, resync: float) -> int:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        policy = load_policy(policy_file)
+    except PolicyError as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        print("dom0 run: refusing to start with an invalid policy", file=sys.stderr)
+        return 2
+    if resync <= 0:
+        print("dom0 run: --resync: must be a positive number of seconds", file=sys.stderr)
+        return 2
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    # 0711: dnsmasq, unprivileged, must reach dhcp/ inside; nothing is listable
+    os.chmod(state, 0o711)
+    try:
+        enable_forwarding()
+        controller = Controller(Path(policy_file), policy, state, resync)
+    except OSError as e:
+        print(f"dom0 run: {e}", file=sys.stderr)
+        return 1
+    trio.run(controller.run)
+    return 0

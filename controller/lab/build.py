@@ -1,0 +1,213 @@
+"""`lab up`: build a lab, in the order topology -> controller -> VM DHCP clients.
+
+Every step is recorded before it happens (see rundir.py), and by default a
+failure tears down what was built, so an error leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import controller
+from controller.lab import (
+    controllerproc,
+    dhcpclient,
+    netns,
+    processes,
+    services,
+    teardown,
+    topology,
+)
+from controller.lab.rundir import RUN_ROOT, Lab, LabError, check_name
+
+DEFAULT_POLICY = Path(controller.__file__).resolve().parent.parent / "policies" / "lab.toml"
+DEFAULT_VMS = 4
+
+Progress = Callable[[str], None]
+
+
+class LabExists(LabError):
+    """A lab of that name (run directory or namespaces) is already there."""
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def check_vms(vms: int) -> str | None:
+    if not 1 <= vms <= topology.MAX_VMS:
+        return f"must be from 1 to {topology.MAX_VMS}, got {vms}"
+    return None
+
+
+def create(
+    name: str,
+    vms: int = DEFAULT_VMS,
+    *,
+    policy: str | Path | None = None,
+    controller: bool = True,
+    dhcp: bool = True,
+    wait_leases: bool = True,
+    lease_timeout: float = 30.0,
+    replace: bool = False,
+    teardown_on_error: bool = True,
+    run_root: Path = RUN_ROOT,
+    progress: Progress = _quiet,
+) -> Lab:
+    """Build lab name with VMs 1..vms and return its handle.
+
+    controller=False builds the topology and services only (the VMs' DHCP
+    clients then start only with dhcp=True and keep asking). policy defaults to
+    policies/lab.toml; it is copied to RUNDIR/policy.toml.
+    """
+    problem = check_name(name) or (f"--vms: {p}" if (p := check_vms(vms)) else None)
+    if problem:
+        raise LabError(problem)
+    lab = Lab.named(name, run_root)
+    if teardown.exists(name, run_root):
+        if not replace:
+            raise LabExists(f"lab {name} already exists (dom0 lab down --name {name})")
+        progress(f"replacing lab {name}")
+        teardown.down(lab, run_root=run_root)
+    run_root.mkdir(parents=True, exist_ok=True)
+    try:
+        lab.root.mkdir()  # atomic claim: a concurrent `lab up` of the same name loses here
+    except FileExistsError:
+        raise LabExists(f"lab {name} already exists (dom0 lab down --name {name})") from None
+    try:
+        _build(lab, vms, policy, controller, dhcp, wait_leases, lease_timeout, progress)
+    except BaseException:
+        if teardown_on_error:
+            with teardown.shielded():
+                teardown.down(lab, run_root=run_root)
+        raise
+    return lab
+
+
+def _build(
+    lab: Lab,
+    vms: int,
+    policy: str | Path | None,
+    with_controller: bool,
+    dhcp: bool,
+    wait_leases: bool,
+    lease_timeout: float,
+    progress: Progress,
+) -> None:
+    started = time.monotonic()
+    for d in (lab.logs_dir, lab.state_dir, lab.leases_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    indexes = list(range(1, vms + 1))
+    namespaces = topology.core_namespaces(lab) + [lab.vm_ns(i) for i in indexes]
+    with lab.update() as data:
+        data["created"] = time.time()
+        data["paths"] = {
+            "run": str(lab.root),
+            "state": str(lab.state_dir),
+            "logs": str(lab.logs_dir),
+            "leases": str(lab.leases_dir),
+        }
+        data["namespaces"] = namespaces
+        data["vms"] = {str(i): _vm_entry(lab, i, topology.vm_mac(i)) for i in indexes}
+    dhcpclient.write_script(lab)
+    if policy is not None or with_controller:
+        controllerproc.install_policy(lab, policy or DEFAULT_POLICY)
+
+    netns.create(namespaces)
+    topology.wire_core(lab)
+    topology.wire_vms(lab, ((i, topology.vm_mac(i)) for i in indexes))
+    services.start_echos(
+        lab, [services.wan_echo(lab), *(services.vm_echo(lab, i) for i in indexes)]
+    )
+    progress(
+        f"topology {lab.name}: {len(namespaces)} namespaces, {vms} VMs "
+        f"({time.monotonic() - started:.1f} s)"
+    )
+    if with_controller:
+        proc = controllerproc.start(lab)
+        progress(f"controller ready (pid {proc.pid}, log {lab.controller_log})")
+    if dhcp:
+        dhcpclient.start_many(lab, indexes)
+    if with_controller and dhcp and wait_leases:
+
+        def report(have: int, want: int, missing: list[int]) -> None:
+            first = ", ".join(f"vm{i}" for i in missing[:5])
+            more = "" if len(missing) <= 5 else f" and {len(missing) - 5} more"
+            progress(f"leases {have}/{want}, waiting for {first}{more}")
+
+        dhcpclient.wait_leases(
+            lab,
+            indexes,
+            lease_timeout,
+            progress=report,
+            check=lambda: controllerproc.check_running(lab),
+        )
+        progress(f"all {vms} VMs have leases ({time.monotonic() - started:.1f} s)")
+
+
+def _vm_entry(lab: Lab, index: int, mac: str) -> dict[str, str]:
+    return {"namespace": lab.vm_ns(index), "mac": mac, "port": topology.port_name(index)}
+
+
+def add_vm(
+    lab: Lab,
+    mac: str | None = None,
+    *,
+    index: int | None = None,
+    echo: bool = True,
+    dhcp: bool = True,
+) -> int:
+    """Add a VM after the fact (any MAC, e.g. an unmatched one); returns its index.
+
+    The new port joins virbr0 like a freshly started libvirt guest's tap.
+    """
+    existing = lab.vms()
+    if index is None:
+        index = max(existing, default=0) + 1
+    if index in existing:
+        raise LabError(f"lab {lab.name} already has vm{index}")
+    if index < 1:
+        raise LabError(f"VM index must be >= 1, got {index}")
+    mac = (mac or topology.vm_mac(index)).lower()
+    ns = lab.vm_ns(index)
+    with lab.update() as data:
+        if ns not in data["namespaces"]:
+            data["namespaces"].append(ns)
+        data["vms"][str(index)] = _vm_entry(lab, index, mac)
+    netns.create([ns])
+    topology.wire_vms(lab, [(index, mac)])
+    if echo:
+        services.start_echos(lab, [services.vm_echo(lab, index)])
+    if dhcp:
+        dhcpclient.start(lab, index)
+    return index
+
+
+def remove_vm(lab: Lab, index: int) -> None:
+    """Remove a VM: its processes, namespace (and so its link to virbr0), its lease."""
+    lab.vm(index)
+    ns = lab.vm_ns(index)
+    suffix = f"@vm{index}"
+    roles = [r for r in lab.read().get("processes", {}) if r.endswith(suffix)]
+    for role in roles:
+        proc = lab.process(role)
+        if proc is not None:
+            processes.stop([proc])
+        lab.forget_process(role)
+    teardown.sweep([ns])
+    netns.delete([ns])
+    lab.lease_path(index).unlink(missing_ok=True)
+    with lab.update() as data:
+        data["vms"].pop(str(index), None)
+        if ns in data["namespaces"]:
+            data["namespaces"].remove(ns)
+
+
+def vm_indexes(lab: Lab) -> list[int]:
+    return sorted(lab.vms())
+
+
+def start_dhcp_all(lab: Lab, indexes: Iterable[int] | None = None) -> None:
+    dhcpclient.start_many(lab, vm_indexes(lab) if indexes is None else indexes)

@@ -1,0 +1,267 @@
+"""`dom0 lab up | down | demo`: argument parsing and output; the work is elsewhere.
+
+Exit codes: 0 done, 1 failed at run time, 2 bad input (one line), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from controller.lab.rundir import DEFAULT_NAME, check_name
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="lab_command", metavar="ACTION", parser_class=type(parser))
+    sub.required = True
+
+    up = sub.add_parser(
+        "up", help="build a lab, start the controller and the VMs; leave it running"
+    )
+    up.add_argument("--name", default=DEFAULT_NAME, help=f"lab name (default {DEFAULT_NAME})")
+    up.add_argument("--vms", default="4", metavar="N", help="number of VMs, 1..200 (default 4)")
+    up.add_argument("--policy", metavar="FILE", help="policy file (default policies/lab.toml)")
+    up.add_argument("--json", action="store_true", help="print the lab as JSON")
+    up.add_argument("--replace", action="store_true", help="tear down a lab of that name first")
+    up.add_argument(
+        "--no-controller",
+        action="store_true",
+        help="topology, echo services and DHCP clients only; start `dom0 run` yourself",
+    )
+    up.add_argument(
+        "--timeout", type=float, default=30.0, metavar="S", help="wait for leases (default 30)"
+    )
+    up.add_argument(
+        "--keep-on-error", action="store_true", help="leave a failed lab for inspection"
+    )
+    up.set_defaults(handler=_up)
+
+    down = sub.add_parser("down", help="stop everything a lab started and delete it")
+    down.add_argument("--name", default=DEFAULT_NAME, help=f"lab name (default {DEFAULT_NAME})")
+    down.set_defaults(handler=_down)
+
+    demo = sub.add_parser(
+        "demo", help="build a lab, print what each VM got and can reach, tear it down"
+    )
+    demo.add_argument("--vms", default="4", metavar="N", help="number of VMs, 1..200 (default 4)")
+    demo.add_argument("--policy", metavar="FILE", help="policy file (default policies/lab.toml)")
+    demo.add_argument("--json", action="store_true", help="print the results as JSON")
+    demo.set_defaults(handler=_demo)
+
+
+def _err(prog: str, message: str) -> None:
+    print(f"{prog}: {message}", file=sys.stderr)
+
+
+def _progress(prog: str) -> Callable[[str], None]:
+    return lambda message: _err(prog, message)
+
+
+def _check_vms(prog: str, text: str) -> int | None:
+    from controller.lab.build import check_vms
+
+    try:
+        vms = int(text)
+    except ValueError:
+        _err(prog, f"--vms: must be a whole number from 1 to 200, got {text!r}")
+        return None
+    problem = check_vms(vms)
+    if problem:
+        _err(prog, f"--vms: {problem}")
+        return None
+    return vms
+
+
+def _check_policy(prog: str, policy: str | None) -> bool:
+    from controller.lab.build import DEFAULT_POLICY
+
+    path = Path(policy) if policy else DEFAULT_POLICY
+    if not path.is_file():
+        what = "no such file" if not path.exists() else "not a file"
+        _err(prog, f"--policy: {path}: {what}")
+        return False
+    return True
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C, so `finally` blocks tear the lab down."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from controller.lab import build, controllerproc, dhcpclient
+    from controller.lab.rundir import LabError
+
+    prog = "dom0 lab up"
+    if problem := check_name(args.name):
+        _err(prog, f"--name: {problem}")
+        return EXIT_USAGE
+    vms = _check_vms(prog, args.vms)
+    if vms is None or not _check_policy(prog, args.policy):
+        return EXIT_USAGE
+    try:
+        with _sigterm_interrupts():
+            lab = build.create(
+                args.name,
+                vms,
+                policy=args.policy or build.DEFAULT_POLICY,
+                controller=not args.no_controller,
+                lease_timeout=args.timeout,
+                replace=args.replace,
+                teardown_on_error=not args.keep_on_error,
+                progress=_progress(prog),
+            )
+    except build.LabExists as exc:
+        _err(prog, f"{exc}, or use --replace")
+        return EXIT_USAGE
+    except LabError as exc:
+        _err(prog, str(exc))
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        _err(prog, "interrupted; the partial lab was torn down")
+        return EXIT_INTERRUPTED
+    leases = {i: dhcpclient.read_lease(lab, i) for i in sorted(lab.vms())}
+    proc = controllerproc.pid(lab)
+    info = summary(lab, leases, proc.pid if proc else None)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(render_summary(info))
+    return EXIT_OK
+
+
+def summary(lab: Any, leases: dict[int, Any], controller_pid: int | None) -> dict[str, Any]:
+    vms = lab.vms()
+    name_opt = "" if lab.name == DEFAULT_NAME else f" --name {lab.name}"
+    return {
+        "name": lab.name,
+        "rundir": str(lab.root),
+        "namespaces": {"wan": lab.wan_ns, "vpn": lab.vpn_ns, "dom0": lab.dom0_ns},
+        "controller": {
+            "pid": controller_pid,
+            "state": str(lab.state_dir),
+            "log": str(lab.controller_log),
+        },
+        "vms": [
+            {
+                "vm": f"vm{i}",
+                "namespace": vms[i]["namespace"],
+                "mac": vms[i]["mac"],
+                "port": vms[i]["port"],
+                "lease": leases[i].to_json() if leases.get(i) else None,
+            }
+            for i in sorted(vms)
+        ],
+        "commands": {
+            "shell": f"ip netns exec {lab.vm_ns(1)} sh",
+            "status": f"dom0 status --state {lab.state_dir}",
+            "controller": (
+                f"ip netns exec {lab.dom0_ns} {_dom0_command()} run --policy {lab.policy_path} "
+                f"--state {lab.state_dir} >>{lab.controller_log} 2>&1 &"
+            ),
+            "down": f"dom0 lab down{name_opt}",
+        },
+    }
+
+
+def _dom0_command() -> str:
+    """The `dom0` entry point next to this interpreter (a venv's bin is often not on PATH)."""
+    beside = Path(sys.executable).parent / "dom0"
+    return str(beside) if beside.exists() else "dom0"
+
+
+def render_summary(info: dict[str, Any]) -> str:
+    ctl = info["controller"]
+    lines = [
+        f"lab {info['name']} is up: {len(info['vms'])} VMs, "
+        + (f"controller pid {ctl['pid']}" if ctl["pid"] else "no controller running"),
+        "  namespaces: " + " ".join(info["namespaces"].values()),
+    ]
+    width = max(len(v["namespace"]) for v in info["vms"])
+    for v in info["vms"]:
+        lease = v["lease"]
+        if lease:
+            name = lease["hostname"] or "(no name)"
+            if lease["hostname"] and lease["domain"]:
+                name = f"{lease['hostname']}.{lease['domain']}"
+            got = f"{lease['ip'] + '/' + str(lease['prefix']):<18}  {name}"
+        else:
+            got = "no lease yet"
+        lines.append(f"  {v['namespace'].ljust(width)}  {v['mac']}  {v['port']:<7}  {got}")
+    cmds = info["commands"]
+    if not ctl["pid"]:
+        lines.append(f"  controller:  {cmds['controller']}")
+    lines += [
+        f"  run inside:  {cmds['shell']}   (any namespace above)",
+        f"  status:      {cmds['status']}",
+        f"  logs:        {info['rundir']}/logs/",
+        f"  tear down:   {cmds['down']}",
+    ]
+    return "\n".join(lines)
+
+
+def _down(args: argparse.Namespace) -> int:
+    from controller.lab import teardown
+    from controller.lab.rundir import LabError
+
+    prog = "dom0 lab down"
+    if problem := check_name(args.name):
+        _err(prog, f"--name: {problem}")
+        return EXIT_USAGE
+    try:
+        with _sigterm_interrupts():
+            report = teardown.down(args.name)
+    except (LabError, OSError) as exc:
+        _err(prog, str(exc))
+        return EXIT_FAIL
+    if report.found_anything:
+        _err(
+            prog,
+            f"lab {args.name} removed: {len(report.stopped)} processes stopped, "
+            f"{len(report.namespaces)} namespaces deleted",
+        )
+    else:
+        _err(prog, f"no lab {args.name}: nothing to do")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from controller.lab import demo
+    from controller.lab.rundir import LabError
+
+    prog = "dom0 lab demo"
+    vms = _check_vms(prog, args.vms)
+    if vms is None or not _check_policy(prog, args.policy):
+        return EXIT_USAGE
+    try:
+        with _sigterm_interrupts():
+            name, rows = demo.run(vms, policy=args.policy, progress=_progress(prog))
+    except LabError as exc:
+        _err(prog, str(exc))
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        _err(prog, "interrupted; the lab was torn down")
+        return EXIT_INTERRUPTED
+    if args.json:
+        print(json.dumps(demo.to_json(rows, name, demo.topology.DOM0_WAN), indent=2))
+    else:
+        print(demo.render(rows))
+    return EXIT_OK if all(r.ok for r in rows) else EXIT_FAIL

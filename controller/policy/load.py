@@ -1,0 +1,566 @@
+"""Policy files: TOML in, a validated `Policy` or a list of problems out.
+
+Every problem is one line, `FILE: field.path: what is wrong, what is expected`.
+Validation goes on after the first problem so that the operator sees all of
+them at once; nothing is half-accepted: a file with any problem yields none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import ipaddress
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controller.policy import macs
+from controller.policy.model import (
+    QUARANTINE,
+    SERVICES,
+    Domain,
+    Match,
+    Policy,
+    Quarantine,
+    Rule,
+)
+from controller.policy.names import TemplateError, can_collide, is_label, parse_template
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+_IFGLOB = re.compile(r"^[A-Za-z0-9_.:\-*?\[\]!]{1,15}$")
+_RULE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    file: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.path}: {self.message}"
+
+
+class PolicyError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = problems
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate one file; raise PolicyError with every problem."""
+    name = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise PolicyError([Problem(name, "file", f"cannot read it ({e.strerror})")]) from None
+    return parse_policy(data, name)
+
+
+def parse_policy(data: bytes, name: str) -> Policy:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PolicyError([Problem(name, "file", f"not UTF-8 at byte {e.start}")]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PolicyError([_syntax_problem(name, e)]) from None
+    v = _Validator(name)
+    policy = v.policy(raw)
+    if v.problems or policy is None:
+        raise PolicyError(v.problems)
+    return policy
+
+
+def _syntax_problem(name: str, e: tomllib.TOMLDecodeError) -> Problem:
+    msg = str(e)
+    where = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+    text = re.sub(r"\s*\(at .*\)$", "", msg)
+    if where:
+        return Problem(
+            name, f"line {where[1]}, column {where[2]}", f"{text.lower()}, expected valid TOML"
+        )
+    return Problem(name, "file", f"{text.lower()}, expected valid TOML")
+
+
+def parse_duration(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and (m := _DURATION.match(value.strip())):
+        return int(m[1]) * _UNITS[m[2]]
+    return None
+
+
+class _Validator:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[Problem] = []
+
+    # -- helpers ---------------------------------------------------------------
+    def bad(self, path: str, message: str) -> None:
+        self.problems.append(Problem(self.file, path, message))
+
+    def table(self, raw: dict, key: str, path: str, allowed: Iterable[str]) -> dict:
+        value = raw.get(key, {})
+        if not isinstance(value, dict):
+            self.bad(path, f"is a {_kind(value)}, expected a table [{path}]")
+            return {}
+        self.keys(value, path, allowed)
+        return value
+
+    def keys(self, value: dict, path: str, allowed: Iterable[str]) -> None:
+        allowed = list(allowed)
+        for key in value:
+            if key not in allowed:
+                self.bad(f"{path}.{key}", f"unknown key, expected one of: {', '.join(allowed)}")
+
+    def string(self, raw: dict, key: str, path: str, default: str | None = None) -> str | None:
+        value = raw.get(key, default)
+        if value is None or isinstance(value, str):
+            return value
+        self.bad(f"{path}.{key}", f"is a {_kind(value)}, expected a string")
+        return None
+
+    def boolean(self, raw: dict, key: str, path: str, default: bool) -> bool:
+        value = raw.get(key, default)
+        if isinstance(value, bool):
+            return value
+        self.bad(f"{path}.{key}", f"is a {_kind(value)}, expected true or false")
+        return default
+
+    def strings(self, raw: dict, key: str, path: str) -> list[str]:
+        value = raw.get(key, [])
+        if isinstance(value, list) and all(isinstance(x, str) for x in value):
+            return value
+        self.bad(f"{path}.{key}", f"is a {_kind(value)}, expected a list of strings")
+        return []
+
+    def duration(self, raw: dict, key: str, path: str, default: str, minimum: int) -> int:
+        value = raw.get(key, default)
+        seconds = parse_duration(value)
+        if seconds is None:
+            self.bad(
+                f"{path}.{key}",
+                f'{value!r} is not a duration, expected e.g. "90s", "10m", "1h", "7d"',
+            )
+            return parse_duration(default) or 0
+        if seconds < minimum:
+            self.bad(
+                f"{path}.{key}", f"{value!r} is too short, expected at least {minimum} seconds"
+            )
+        return seconds
+
+    def ifname(self, value: str | None, path: str, glob: bool = False) -> str | None:
+        if value is None:
+            return None
+        if not (_IFGLOB if glob else _IFNAME).match(value):
+            what = "an interface name glob" if glob else "an interface name"
+            self.bad(path, f"{value!r} is not {what}, expected 1-15 characters like virbr0")
+            return None
+        return value
+
+    def network(self, value: object, path: str) -> ipaddress.IPv4Network | None:
+        if not isinstance(value, str):
+            self.bad(path, f'is a {_kind(value)}, expected an IPv4 CIDR like "10.10.0.0/24"')
+            return None
+        try:
+            net = ipaddress.IPv4Network(value, strict=True)
+        except ValueError as e:
+            hint = ""
+            with contextlib.suppress(ValueError):
+                hint = f" (did you mean {ipaddress.IPv4Network(value, strict=False)}?)"
+            self.bad(
+                path,
+                f'{value!r} is not an IPv4 network: {e}{hint}, expected a CIDR like "10.10.0.0/24"',
+            )
+            return None
+        if net.prefixlen > 30:
+            self.bad(path, f"{value!r} is too small, expected a prefix of /30 or shorter")
+            return None
+        return net
+
+    def gateway(
+        self, raw: dict, path: str, pool: ipaddress.IPv4Network | None
+    ) -> ipaddress.IPv4Address | None:
+        if pool is None:
+            return None
+        value = raw.get("gateway")
+        if value is None:
+            return pool.network_address + 1
+        try:
+            addr = ipaddress.IPv4Address(value) if isinstance(value, str) else None
+        except ValueError:
+            addr = None
+        if (
+            addr is None
+            or addr not in pool
+            or addr in (pool.network_address, pool.broadcast_address)
+        ):
+            self.bad(
+                f"{path}.gateway",
+                f"{value!r} is not a host address of {pool}, expected e.g. {pool.network_address + 1}",
+            )
+            return None
+        return addr
+
+    # -- sections --------------------------------------------------------------
+    def policy(self, raw: dict) -> Policy | None:
+        self.keys(
+            raw, "policy", ["site", "bridge", "wan", "dhcp", "domains", "rules", "quarantine"]
+        )
+        site = self.table(raw, "site", "site", ["tld", "release_after"])
+        tld = self.string(site, "tld", "site", "internal") or "internal"
+        if not is_label(tld):
+            self.bad("site.tld", f'{tld!r} is not a DNS label, expected e.g. "internal"')
+        release_after = self.duration(site, "release_after", "site", "30d", 60)
+
+        bridge_t = self.table(raw, "bridge", "bridge", ["name", "trusted_ports"])
+        bridge = (
+            self.ifname(self.string(bridge_t, "name", "bridge", "virbr0"), "bridge.name")
+            or "virbr0"
+        )
+        trusted = tuple(
+            p
+            for i, p in enumerate(self.strings(bridge_t, "trusted_ports", "bridge"))
+            if self.ifname(p, f"bridge.trusted_ports[{i + 1}]")
+        )
+        wan_t = self.table(raw, "wan", "wan", ["interface"])
+        wan = self.ifname(self.string(wan_t, "interface", "wan"), "wan.interface")
+        if wan is not None and wan == bridge:
+            self.bad("wan.interface", f"{wan!r} is the managed bridge, expected the host's uplink")
+
+        dhcp_t = self.table(raw, "dhcp", "dhcp", ["lease_time"])
+        lease = self.duration(dhcp_t, "lease_time", "dhcp", "1h", 120)
+
+        domains = self.domains(raw, wan)
+        quarantine = self.quarantine(raw)
+        self.overlaps(domains, quarantine)
+        rules = self.rules(raw, domains, bridge)
+        if self.problems:
+            return None
+        return Policy(
+            source=self.file,
+            tld=tld,
+            bridge=bridge,
+            trusted_ports=trusted,
+            wan=wan,
+            lease_seconds=lease,
+            release_after=release_after,
+            domains=domains,
+            rules=tuple(rules),
+            quarantine=quarantine,
+        )
+
+    def domains(self, raw: dict, wan: str | None) -> dict[str, Domain]:
+        section = raw.get("domains", {})
+        if not isinstance(section, dict):
+            self.bad("domains", f"is a {_kind(section)}, expected tables [domains.NAME]")
+            return {}
+        if not section:
+            self.bad("domains", "none defined, expected at least one [domains.NAME] with a pool")
+        allowed = ["pool", "gateway", "reach", "members_reach", "internet", "services"]
+        out: dict[str, Domain] = {}
+        for name, body in section.items():
+            path = f"domains.{name}"
+            if not isinstance(body, dict):
+                self.bad(path, f"is a {_kind(body)}, expected a table [{path}]")
+                continue
+            if not is_label(name) or name == QUARANTINE:
+                self.bad(
+                    path,
+                    f"{name!r} is not a usable domain name, expected a DNS label other than 'quarantine'",
+                )
+            self.keys(body, path, allowed)
+            if "pool" not in body:
+                self.bad(f"{path}.pool", 'missing, expected an IPv4 CIDR like "10.10.0.0/24"')
+                pool = None
+            else:
+                pool = self.network(body["pool"], f"{path}.pool")
+            gateway = self.gateway(body, path, pool)
+            internet = self.boolean(body, "internet", path, False)
+            if internet and wan is None:
+                self.bad(
+                    f"{path}.internet",
+                    "is true but [wan] names no interface, expected wan.interface",
+                )
+            services = self.strings(body, "services", path)
+            for i, s in enumerate(services):
+                if s not in SERVICES:
+                    self.bad(
+                        f"{path}.services[{i + 1}]",
+                        f"unknown service {s!r}, expected one of: {', '.join(SERVICES)}",
+                    )
+            reach = self.strings(body, "reach", path)
+            if pool is not None and gateway is not None:
+                out[name] = Domain(
+                    name=name,
+                    pool=pool,
+                    gateway=gateway,
+                    reach=tuple(dict.fromkeys(reach)),
+                    members_reach=self.boolean(body, "members_reach", path, True),
+                    internet=internet,
+                    services=tuple(dict.fromkeys(services)),
+                )
+        for name, body in section.items():
+            if not isinstance(body, dict):
+                continue
+            for i, other in enumerate(
+                body.get("reach", []) if isinstance(body.get("reach"), list) else []
+            ):
+                if other not in section:
+                    self.bad(
+                        f"domains.{name}.reach[{i + 1}]",
+                        f"unknown domain {other!r}, expected one of: {', '.join(section)}",
+                    )
+                elif other == name:
+                    self.bad(
+                        f"domains.{name}.reach[{i + 1}]",
+                        "a domain cannot list itself, expected members_reach = true instead",
+                    )
+        return out
+
+    def quarantine(self, raw: dict) -> Quarantine:
+        q = self.table(raw, "quarantine", "quarantine", ["pool", "gateway", "subdomain"])
+        pool = self.network(q["pool"], "quarantine.pool") if "pool" in q else None
+        gateway = self.gateway(q, "quarantine", pool)
+        text = self.string(q, "subdomain", "quarantine", "q{n}") or "q{n}"
+        size = _capacity(pool) if pool else 65535
+        try:
+            template = parse_template(text, size)
+        except TemplateError as e:
+            self.bad("quarantine.subdomain", f"{e}")
+            template = parse_template("q{n}", size)
+        return Quarantine(pool=pool, gateway=gateway, template=template)
+
+    def overlaps(self, domains: dict[str, Domain], quarantine: Quarantine) -> None:
+        pools = [(f"domains.{d.name}.pool", d.pool) for d in domains.values()]
+        if quarantine.pool is not None:
+            pools.append(("quarantine.pool", quarantine.pool))
+        for i, (path_a, a) in enumerate(pools):
+            for path_b, b in pools[i + 1 :]:
+                if a.overlaps(b):
+                    self.bad(path_b, f"{b} overlaps {path_a} ({a}), expected disjoint pools")
+
+    def rules(self, raw: dict, domains: dict[str, Domain], bridge: str) -> list[Rule]:
+        section = raw.get("rules", [])
+        if not isinstance(section, list) or not all(isinstance(r, dict) for r in section):
+            self.bad("rules", f"is a {_kind(section)}, expected [[rules]] tables")
+            return []
+        allowed = ["name", "domain", "subdomain", "max", "match"]
+        rules: list[Rule] = []
+        matches: list[tuple[str, Match]] = []  # every parsed match, for shadowing
+        seen: dict[str, str] = {}
+        for i, body in enumerate(section):
+            name = body.get("name")
+            path = (
+                f"rules.{name}"
+                if isinstance(name, str) and _RULE_NAME.match(name)
+                else f"rules[{i + 1}]"
+            )
+            self.keys(body, path, allowed)
+            if not isinstance(name, str) or not _RULE_NAME.match(name):
+                self.bad(
+                    f"{path}.name",
+                    f"{'missing' if name is None else repr(name)}, expected a unique rule name (a-z, 0-9, '-', '_')",
+                )
+                name = None
+            elif name in seen:
+                path = f"rules[{i + 1}]"
+                self.bad(
+                    f"{path}.name",
+                    f"duplicate rule name, also used by {seen[name]}, expected unique names",
+                )
+            else:
+                seen[name] = f"rules[{i + 1}]"
+            domain = body.get("domain")
+            if not isinstance(domain, str):
+                self.bad(
+                    f"{path}.domain",
+                    f"{'missing' if domain is None else 'not a string'}, expected one of: {', '.join(domains) or '(no domains)'}",
+                )
+                domain = None
+            elif domain not in domains:
+                if domain not in raw.get("domains", {}):
+                    self.bad(
+                        f"{path}.domain",
+                        f"unknown domain {domain!r}, expected one of: {', '.join(domains) or '(no domains)'}",
+                    )
+                domain = None
+            capacity = _capacity(domains[domain].pool) if domain else 65535
+            max_slots = body.get("max", capacity)
+            if not isinstance(max_slots, int) or isinstance(max_slots, bool) or max_slots < 1:
+                self.bad(f"{path}.max", f"{max_slots!r}, expected a positive integer")
+                max_slots = capacity
+            elif domain and max_slots > capacity:
+                self.bad(
+                    f"{path}.max",
+                    f"{max_slots} exceeds the {capacity} addresses of {domains[domain].pool}, expected at most {capacity}",
+                )
+            template_text = body.get("subdomain", f"{name or 'machine'}{{n}}")
+            template = None
+            if not isinstance(template_text, str):
+                self.bad(
+                    f"{path}.subdomain", 'not a string, expected a name template like "web{n}"'
+                )
+            else:
+                try:
+                    template = parse_template(template_text, max_slots)
+                except TemplateError as e:
+                    self.bad(f"{path}.subdomain", str(e))
+            match = self.match(body.get("match"), f"{path}.match")
+            if match is not None:
+                matches.append((path, match))
+            if name and domain and template and match:
+                rules.append(Rule(name, domain, template, max_slots, match))
+        self.shadows(matches)
+        self.collisions(rules)
+        return rules
+
+    def match(self, body: object, path: str) -> Match | None:
+        allowed = [
+            "mac",
+            "mac_prefix",
+            "mac_mask",
+            "random",
+            "bridge",
+            "interface",
+            "libvirt_name",
+            "libvirt_metadata",
+        ]
+        if body is None:
+            self.bad(path, f"missing, expected a table with at least one of: {', '.join(allowed)}")
+            return None
+        if not isinstance(body, dict):
+            self.bad(path, f"is a {_kind(body)}, expected a table")
+            return None
+        self.keys(body, path, allowed)
+        if not any(k in body for k in allowed):
+            self.bad(path, f"empty, expected at least one of: {', '.join(allowed)}")
+            return None
+        ok = True
+        pattern: macs.Ternary | None = macs.ANY
+        for key, parse in (
+            ("mac", macs.parse_glob),
+            ("mac_prefix", macs.parse_prefix),
+            ("mac_mask", macs.parse_mask),
+        ):
+            if key not in body:
+                continue
+            value = body[key]
+            if not isinstance(value, str):
+                self.bad(f"{path}.{key}", f"is a {_kind(value)}, expected a string")
+                ok = False
+                continue
+            try:
+                part = parse(value)
+            except macs.MacError as e:
+                self.bad(f"{path}.{key}", str(e))
+                ok = False
+                continue
+            pattern = pattern.intersect(part) if pattern else None
+        if "random" in body:
+            random = self.boolean(body, "random", path, False)
+            if random:
+                pattern = pattern.intersect(macs.RANDOM) if pattern else None
+            else:
+                self.bad(f"{path}.random", "false matches nothing more, expected true or no key")
+                ok = False
+        if ok and pattern is None:
+            self.bad(
+                path,
+                "its MAC criteria contradict each other, so no MAC can match; expected criteria that overlap",
+            )
+            return None
+        if (
+            pattern is not None
+            and pattern.mask
+            and macs.is_multicast(pattern.value)
+            and pattern.mask & (1 << 40)
+        ):
+            self.bad(
+                path,
+                "matches only multicast MACs, which are never machines; expected a unicast pattern",
+            )
+            ok = False
+        bridge = self.ifname(self.string(body, "bridge", path), f"{path}.bridge", glob=True)
+        interface = self.ifname(
+            self.string(body, "interface", path), f"{path}.interface", glob=True
+        )
+        libvirt_name = self.string(body, "libvirt_name", path)
+        metadata = body.get("libvirt_metadata", {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            self.bad(
+                f"{path}.libvirt_metadata", 'expected a table of strings like { role = "web" }'
+            )
+            metadata = {}
+        if not ok or pattern is None:
+            return None
+        return Match(pattern, bridge, interface, libvirt_name, dict(metadata))
+
+    def shadows(self, matches: list[tuple[str, Match]]) -> None:
+        for j, (path, later) in enumerate(matches):
+            for earlier_path, earlier in matches[:j]:
+                if _covers(earlier, later):
+                    self.bad(
+                        f"{path}.match",
+                        f"can never match: {earlier_path} before it matches every machine it does; "
+                        "expected it to be moved before that rule or narrowed",
+                    )
+                    break
+
+    def collisions(self, rules: list[Rule]) -> None:
+        for j, b in enumerate(rules):
+            for a in rules[:j]:
+                if a.domain != b.domain:
+                    continue
+                name = can_collide(a.template, b.template)
+                if name is not None:
+                    self.bad(
+                        f"rules.{b.name}.subdomain",
+                        f"{b.template.text!r} can give the same name as rule {a.name!r} "
+                        f"({a.template.text!r}), e.g. {name!r} in domain {a.domain!r}; "
+                        "expected distinct names",
+                    )
+
+
+def _capacity(pool: ipaddress.IPv4Network) -> int:
+    # network, broadcast and dom0's gateway are not given to machines
+    return max(pool.num_addresses - 3, 1)
+
+
+def _glob_covers(a: str | None, b: str | None) -> bool:
+    """Sound, not complete: True only when glob `a` surely matches all `b` does."""
+    if a is None or a == "*":
+        return True
+    if b is None:
+        return False
+    if a == b:
+        return True
+    return not any(c in b for c in "*?[") and fnmatch.fnmatchcase(b, a)
+
+
+def _covers(a: Match, b: Match) -> bool:
+    if not a.mac.covers(b.mac):
+        return False
+    if not (_glob_covers(a.bridge, b.bridge) and _glob_covers(a.interface, b.interface)):
+        return False
+    if not _glob_covers(a.libvirt_name, b.libvirt_name):
+        return False
+    return all(_glob_covers(v, b.libvirt_metadata.get(k)) for k, v in a.libvirt_metadata.items())
+
+
+def _kind(value: Any) -> str:
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "float",
+        str: "string",
+        list: "list",
+        dict: "table",
+    }.get(type(value), type(value).__name__)

@@ -1,0 +1,94 @@
+"""The policy as plain, validated, immutable data (what `load` produces)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+from controller.policy.macs import Ternary
+from controller.policy.names import Template
+
+QUARANTINE = "quarantine"  # the pseudo-domain of machines no rule matches
+
+# dom0's own services a domain may be allowed to reach, and what they listen on.
+# DHCP is always reachable from the bridge (quarantined machines included).
+SERVICES: Mapping[str, tuple[tuple[str, int], ...]] = {
+    "dns": (("udp", 53), ("tcp", 53)),
+    "dot": (("tcp", 853),),
+    "ntp": (("udp", 123),),
+    "icmp": (("icmp", 0),),
+    "enroll": (("tcp", 8443),),
+    "mirror": (("tcp", 873), ("tcp", 8080)),
+    "proxy": (("tcp", 3128),),
+    "smtp": (("tcp", 25), ("tcp", 587)),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """All given criteria must hold. `mac` is the intersection of every MAC
+    criterion (glob, prefix, mask, random); globs are fnmatch patterns."""
+
+    mac: Ternary
+    bridge: str | None = None
+    interface: str | None = None
+    libvirt_name: str | None = None  # parsed now, matched once libvirt is a source
+    libvirt_metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def needs_libvirt(self) -> bool:
+        return self.libvirt_name is not None or bool(self.libvirt_metadata)
+
+    def matches(self, mac: int, bridge: str, interface: str) -> bool:
+        # Rules that name libvirt facts cannot match until libvirt is a source.
+        if self.needs_libvirt or not self.mac.matches(mac):
+            return False
+        if self.bridge is not None and not fnmatch.fnmatchcase(bridge, self.bridge):
+            return False
+        return self.interface is None or fnmatch.fnmatchcase(interface, self.interface)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    domain: str
+    template: Template
+    max_slots: int
+    match: Match
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    name: str
+    pool: IPv4Network
+    gateway: IPv4Address
+    reach: tuple[str, ...]  # other domains whose members this one may open connections to
+    members_reach: bool  # members of this domain reach each other
+    internet: bool
+    services: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    pool: IPv4Network | None
+    gateway: IPv4Address | None
+    template: Template
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    source: str  # file it came from
+    tld: str
+    bridge: str
+    trusted_ports: tuple[str, ...]  # bridge ports that are not machines (never policed)
+    wan: str | None
+    lease_seconds: int
+    release_after: int  # seconds a machine may be absent before its slot is reused
+    domains: Mapping[str, Domain]
+    rules: tuple[Rule, ...]
+    quarantine: Quarantine
+
+    def fqdn(self, label: str, domain: str) -> str:
+        return f"{label}.{domain}.{self.tld}"

@@ -1,0 +1,55 @@
+"""Suite-wide guard: the root network namespace is exactly as before.
+
+Lab tests build everything in namespaces of their own; this checks, once for
+the whole session, that nothing leaked into the root namespace: no lab
+namespace left behind, and routes, rules, links, addresses and nftables
+unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+
+def _root_state() -> dict[str, object]:
+    def out(argv: list[str]) -> str:
+        r = subprocess.run(argv, capture_output=True, text=True, check=False)
+        return r.stdout
+
+    def links() -> list:
+        # link statistics and carrier timings change on their own; compare identity
+        return sorted(
+            (link["ifname"], link.get("address"), link.get("master"))
+            for link in json.loads(out(["ip", "-j", "link", "show"]) or "[]")
+        )
+
+    state: dict[str, object] = {
+        "netns": sorted(out(["ip", "netns", "list"]).split("\n")),
+        "route4": out(["ip", "-4", "route", "show", "table", "all"]),
+        "route6": out(["ip", "-6", "route", "show", "table", "all"]),
+        "rule4": out(["ip", "-4", "rule"]),
+        "rule6": out(["ip", "-6", "rule"]),
+        "addr": out(["ip", "-br", "addr"]),
+        "links": links(),
+        "ip_forward": open("/proc/sys/net/ipv4/ip_forward").read(),
+    }
+    if shutil.which("nft"):
+        state["nft"] = out(["nft", "list", "ruleset"])
+    return state
+
+
+@pytest.fixture(scope="session", autouse=True)
+def root_namespace_unchanged() -> Iterator[None]:
+    if os.geteuid() != 0:
+        yield
+        return
+    before = _root_state()
+    yield
+    after = _root_state()
+    changed = [k for k in before if before[k] != after[k]]
+    assert not changed, f"the test suite changed the root namespace: {changed}"

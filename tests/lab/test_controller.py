@@ -1,0 +1,309 @@
+"""The controller in the lab: real namespaces, nftables, dnsmasq and DHCP
+clients. Every test builds its own lab (unique names) and tears it down,
+also on failure (the make_lab fixture checks that nothing is left)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.lab import build, controllerproc, dhcpclient, netns, processes, vm
+from controller.lab.rundir import Lab
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB_POLICY = (ROOT / "policies" / "lab.toml").read_text()
+ECHO_SEEN_AS = "198.51.100.2"  # masqueraded out of dom0's WAN (no WireGuard yet)
+
+
+def leases(lab: Lab) -> dict[int, dhcpclient.Lease]:
+    return {i: dhcpclient.read_lease(lab, i) for i in build.vm_indexes(lab)}  # type: ignore[misc]
+
+
+def by_mac(lab: Lab) -> dict[str, dict[str, Any]]:
+    return {m["mac"]: m for m in controllerproc.status(lab)}
+
+
+def reachable(lab: Lab, i: int, address: str, **kw: Any) -> bool:
+    r = vm.probe(lab, i, vm.echo_url(address), timeout=kw.pop("timeout", 1.5), **kw)
+    return r.ok
+
+
+def wait_until(cond: Any, timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def ruleset(lab: Lab) -> str:
+    """dom0's nftables ruleset without the counters (traffic changes those)."""
+    out = netns.run(lab.dom0_ns, ["nft", "list", "ruleset"]).stdout
+    return re.sub(r"counter packets \d+ bytes \d+", "counter", out)
+
+
+def test_each_vm_gets_the_address_and_name_the_controller_chose(make_lab: Any) -> None:
+    lab = make_lab(4, controller=True)
+    machines = by_mac(lab)
+    got = leases(lab)
+    for i, lease in got.items():
+        m = machines[vm.mac(lab, i)]
+        assert m["state"] == "admitted"
+        assert m["rule"] == ("odd" if i % 2 else "even")
+        assert m["domain"] == ("x" if i % 2 else "y")
+        assert lease.ip == m["address"]
+        assert lease.fqdn == m["name"]  # hostname and domain from DHCP
+        pool = ipaddress.ip_network("10.10.0.0/24" if i % 2 else "10.20.0.0/24")
+        assert ipaddress.ip_address(lease.ip) in pool
+        assert lease.router == str(pool.network_address + 1)
+    # names follow the rules' templates, one slot each
+    names = sorted(m["name"] for m in machines.values())
+    assert names == ["db1.y.internal", "db2.y.internal", "web1.x.internal", "web2.x.internal"]
+    # dnsmasq never handed out any address but the reserved ones
+    lease_file = (lab.state_dir / "dhcp" / "leases").read_text().split("\n")
+    handed = {line.split()[2] for line in lease_file if line.strip()}
+    assert handed == {m["address"] for m in machines.values()}
+
+
+def test_same_domain_passes_cross_domain_is_dropped(make_lab: Any) -> None:
+    lab = make_lab(4, controller=True)
+    ip = {i: lease.ip for i, lease in leases(lab).items()}
+    # x = {1, 3}, y = {2, 4}
+    assert vm.probe(lab, 1, vm.echo_url(ip[3])).body.strip() == ip[1]
+    assert vm.probe(lab, 4, vm.echo_url(ip[2])).body.strip() == ip[4]
+    assert not reachable(lab, 1, ip[2])
+    assert not reachable(lab, 2, ip[3])
+    # everybody reaches the internet, masqueraded
+    for i in ip:
+        assert vm.whoami(lab, i) == ECHO_SEEN_AS
+
+
+def test_isolation_holds_without_routing_on_the_same_bridge(make_lab: Any) -> None:
+    """vm1 (x) tries to reach vm2 (y) directly on the bridge: an on-link
+    route and a static neighbour entry, so no router is involved."""
+    lab = make_lab(2, controller=True)
+    ip = {i: lease.ip for i, lease in leases(lab).items()}
+    vm.run(lab, 1, ["ip", "route", "add", "10.20.0.0/24", "dev", "eth0"])
+    assert not reachable(lab, 1, ip[2])  # ARP across domains is dropped
+    vm.run(lab, 1, ["ip", "neigh", "replace", ip[2], "lladdr", vm.mac(lab, 2), "dev", "eth0"])
+    assert not reachable(lab, 1, ip[2])  # and so is IPv4 sent straight to its MAC
+    vm.run(lab, 2, ["ip", "route", "add", "10.10.0.0/24", "dev", "eth0"])
+    vm.run(lab, 2, ["ip", "neigh", "replace", ip[1], "lladdr", vm.mac(lab, 1), "dev", "eth0"])
+    assert not reachable(lab, 2, ip[1])
+    # control: without dom0's tables the very same probe goes through, so it
+    # was the firewall that dropped it
+    controllerproc.stop(lab)
+    netns.run(lab.dom0_ns, ["nft", "delete", "table", "bridge", "dom0"])
+    netns.run(lab.dom0_ns, ["nft", "delete", "table", "inet", "dom0"])
+    assert reachable(lab, 1, ip[2])
+
+
+def test_forged_address_gets_nothing_through(make_lab: Any) -> None:
+    lab = make_lab(3, controller=True)
+    ip = {i: lease.ip for i, lease in leases(lab).items()}
+    spare = next(
+        str(a) for a in ipaddress.ip_network("10.10.0.0/24").hosts()
+        if str(a) not in ip.values() and not str(a).endswith(".1")
+    )  # fmt: skip
+    for forged in (ip[3], spare, "10.20.0.77"):
+        vm.add_address(lab, 1, f"{forged}/32")
+        assert not vm.probe(lab, 1, vm.echo_url(), source=forged, timeout=1.5).ok, forged
+        if forged != ip[3]:  # (vm1 holding vm3's address would just talk to itself)
+            assert not reachable(lab, 1, ip[3], source=forged), forged
+        vm.del_address(lab, 1, f"{forged}/32")
+    # its own address still works, and so does the machine it impersonated
+    assert vm.whoami(lab, 1) == ECHO_SEEN_AS
+    assert vm.whoami(lab, 3) == ECHO_SEEN_AS
+
+
+def test_forged_mac_gets_nothing_through(make_lab: Any) -> None:
+    lab = make_lab(3, controller=True)
+    ip = {i: lease.ip for i, lease in leases(lab).items()}
+    victim = vm.mac(lab, 3)
+    vm.set_mac(lab, 1, victim, restart_dhcp=False)
+    assert not vm.probe(lab, 1, vm.echo_url(), timeout=1.5).ok  # own address, victim's MAC
+    vm.add_address(lab, 1, f"{ip[3]}/32")
+    assert not vm.probe(lab, 1, vm.echo_url(), source=ip[3], timeout=1.5).ok
+    # the victim keeps its binding and works; the controller did not move it
+    assert vm.whoami(lab, 3) == ECHO_SEEN_AS
+    assert by_mac(lab)[victim]["port"] == "vnet3"
+
+
+def test_unmatched_mac_is_quarantined(make_lab: Any) -> None:
+    lab = make_lab(2, controller=True)
+    ip = {i: lease.ip for i, lease in leases(lab).items()}
+    q = build.add_vm(lab, mac="00:16:3e:00:00:01")
+    lease = dhcpclient.wait_lease(lab, q, timeout=15)
+    m = by_mac(lab)["00:16:3e:00:00:01"]
+    assert m["state"] == "quarantined"
+    assert m["rule"] is None
+    assert lease.ip == m["address"]
+    assert ipaddress.ip_address(lease.ip) in ipaddress.ip_network("10.99.0.0/24")
+    assert lease.router is None
+    assert lease.fqdn == m["name"] == "q1.quarantine.internal"
+    # it reaches nothing: not the internet, not a VM, not dom0's gateway
+    vm.run(lab, q, ["ip", "route", "replace", "default", "via", "10.99.0.1"])
+    assert not vm.probe(lab, q, vm.echo_url(), timeout=1.5).ok
+    assert not reachable(lab, q, ip[1])
+    ping = vm.run(lab, q, ["busybox", "ping", "-c1", "-W1", "10.99.0.1"], check=False)
+    assert ping.returncode != 0
+    # while admitted machines can ping their gateway (service "icmp")
+    assert vm.run(lab, 1, ["busybox", "ping", "-c1", "-W1", "10.10.0.1"], check=False).returncode == 0
+
+
+def test_policy_change_moves_a_vm_and_the_firewall_follows(make_lab: Any) -> None:
+    lab = make_lab(3, controller=True)
+    ip = {i: lease.ip for i, lease in leases(lab).items()}
+    mac1 = vm.mac(lab, 1)
+    assert reachable(lab, 1, ip[3]) and not reachable(lab, 1, ip[2])
+    # a new first rule puts vm1 (and only vm1) into domain y
+    moved = LAB_POLICY.replace(
+        '[[rules]]\nname = "odd"',
+        '[[rules]]\nname = "special"\ndomain = "y"\nsubdomain = "special{n}"\n'
+        f'match.mac = "{mac1}"\n\n[[rules]]\nname = "odd"',
+        1,
+    )
+    assert moved != LAB_POLICY
+    controllerproc.write_policy(lab, moved)  # the controller notices the file change
+    m = wait_until(
+        lambda: (x := by_mac(lab)[mac1])["domain"] == "y" and x, what="vm1 moved to y"
+    )
+    assert m["name"] == "special1.y.internal"
+    old = ip[1]
+    t0 = time.time()
+    dhcpclient.renew(lab, 1, wait=False)
+    lease = dhcpclient.wait_lease(lab, 1, timeout=20, newer_than=t0)
+    lease = wait_until(
+        lambda: (x := dhcpclient.read_lease(lab, 1)) and x.ip != old and x, timeout=20,
+        what="a lease in the new pool",
+    )
+    assert lease.ip == m["address"]
+    assert ipaddress.ip_address(lease.ip) in ipaddress.ip_network("10.20.0.0/24")
+    assert lease.fqdn == "special1.y.internal"
+    # the firewall follows: y now, not x
+    assert reachable(lab, 1, ip[2])
+    assert not reachable(lab, 1, ip[3])
+    # and the old address is no longer vm1's
+    vm.add_address(lab, 1, f"{old}/32")
+    assert not vm.probe(lab, 1, vm.echo_url(), source=old, timeout=1.5).ok
+
+
+def test_invalid_policy_on_reload_changes_nothing(make_lab: Any) -> None:
+    lab = make_lab(2, controller=True)
+    ip = {i: lease.ip for i, lease in leases(lab).items()}
+    before_rules, before_machines = ruleset(lab), by_mac(lab)
+    broken = LAB_POLICY.replace('pool = "10.20.0.0/24"', 'pool = "10.10.0.128/25"')
+    controllerproc.write_policy(lab, broken)
+    proc = controllerproc.pid(lab)
+    assert proc is not None
+    processes.send_signal(proc, signal.SIGHUP)
+    time.sleep(2.5)  # the 1 s file poll and the SIGHUP have both fired
+    controllerproc.check_running(lab)
+    reply = _status_reply(lab)
+    assert "overlaps domains.x.pool" in reply["last_policy_error"]
+    assert ruleset(lab) == before_rules
+    assert by_mac(lab) == before_machines
+    assert not reachable(lab, 1, ip[2])
+    assert vm.whoami(lab, 2) == ECHO_SEEN_AS
+    log = lab.controller_log.read_text()
+    assert "refused" in log and "keeping the last good policy" in log
+
+
+def _status_reply(lab: Lab) -> dict:
+    out = netns.run(
+        lab.dom0_ns,
+        [sys.executable, "-m", "controller.cli", "status", "--state", str(lab.state_dir), "--json"],
+    )
+    return json.loads(out.stdout)
+
+
+def test_sigkill_keeps_isolation_and_restart_keeps_every_allocation(make_lab: Any) -> None:
+    lab = make_lab(4, controller=True)
+    ip = {i: lease.ip for i, lease in leases(lab).items()}
+    before = {m["mac"]: (m["name"], m["address"]) for m in controllerproc.status(lab)}
+    rules_before = ruleset(lab)
+    controllerproc.kill(lab)  # SIGKILL
+    assert controllerproc.pid(lab) is None
+    # the data plane stays: isolation, egress, DHCP
+    assert ruleset(lab) == rules_before
+    assert reachable(lab, 1, ip[3])
+    assert not reachable(lab, 1, ip[2])
+    assert vm.whoami(lab, 2) == ECHO_SEEN_AS
+    assert dhcpclient.renew(lab, 2).ip == ip[2]
+    # a machine that arrives while the controller is dead gets nothing: fail-closed
+    late = build.add_vm(lab)
+    time.sleep(2)
+    assert dhcpclient.read_lease(lab, late) is None
+    vm.add_address(lab, late, "10.10.0.200/24")
+    assert not reachable(lab, late, ip[1])
+    vm.del_address(lab, late, "10.10.0.200/24")
+    # restart on the same state: every allocation kept, nothing rebuilt
+    controllerproc.start(lab)
+    after = {m["mac"]: (m["name"], m["address"]) for m in controllerproc.status(lab)}
+    for mac, value in before.items():
+        assert after[mac] == value
+    reply = _status_reply(lab)
+    assert reply["stats"]["rebuilds"] == 0  # converged without rewriting the tables
+    # and the late machine is admitted now
+    lease = dhcpclient.wait_lease(lab, late, timeout=15)
+    assert by_mac(lab)[vm.mac(lab, late)]["address"] == lease.ip
+
+
+def test_plan_shows_what_would_change_and_changes_nothing(make_lab: Any) -> None:
+    lab = make_lab(2, controller=True)
+    controllerproc.stop(lab)  # SIGTERM: the data plane stays
+    rules = ruleset(lab)
+
+    def plan(policy: Path) -> dict:
+        out = netns.run(
+            lab.dom0_ns,
+            [sys.executable, "-m", "controller.cli", "plan", "--policy", str(policy),
+             "--state", str(lab.state_dir), "--json"],
+        )  # fmt: skip
+        return json.loads(out.stdout)
+
+    same = plan(lab.policy_path)
+    assert same["empty"], same
+    changed = lab.root / "changed.toml"
+    changed.write_text(LAB_POLICY.replace("internet = true", "internet = true\nreach = [\"y\"]", 1))
+    p = plan(changed)
+    assert not p["empty"]
+    assert p["changes"]["add"]["inet/reach"] == [["10.10.0.0/24", "10.20.0.0/24"]]
+    assert not p["changes"]["rebuild"]
+    text = netns.run(
+        lab.dom0_ns,
+        [sys.executable, "-m", "controller.cli", "plan", "--policy", str(changed),
+         "--state", str(lab.state_dir)],
+    ).stdout  # fmt: skip
+    assert "nftables: add inet dom0 reach { 10.10.0.0/24 . 10.20.0.0/24 }" in text
+    assert ruleset(lab) == rules
+
+
+def test_status_human_and_json(make_lab: Any) -> None:
+    lab = make_lab(2, controller=True)
+    reply = _status_reply(lab)
+    assert {m["state"] for m in reply["machines"]} == {"admitted"}
+    out = netns.run(
+        lab.dom0_ns,
+        [sys.executable, "-m", "controller.cli", "status", "--state", str(lab.state_dir)],
+    ).stdout
+    assert "web1.x.internal" in out and "db1.y.internal" in out
+    r = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "status", "--state", str(lab.root / "nope")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert r.returncode == 1 and "no controller is running" in r.stderr

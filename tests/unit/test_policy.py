@@ -1,0 +1,335 @@
+"""Policy files: valid ones load; each kind of bad one is rejected with
+`FILE: field.path: what is wrong, what is expected`, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controller.policy.load import PolicyError, load_policy, parse_policy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BASE = """
+[site]
+tld = "internal"
+[bridge]
+name = "virbr0"
+[wan]
+interface = "wan"
+[domains.x]
+pool = "10.10.0.0/24"
+internet = true
+[domains.y]
+pool = "10.20.0.0/24"
+[[rules]]
+name = "web"
+domain = "x"
+subdomain = "web{n}"
+match.mac = "52:54:00:*"
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(PolicyError) as e:
+        parse_policy(textwrap.dedent(text).encode(), "p.toml")
+    return [str(p) for p in e.value.problems]
+
+
+def test_example_policies_load() -> None:
+    for path in sorted((ROOT / "policies").glob("*.toml")):
+        policy = load_policy(path)
+        assert policy.domains, path
+
+
+def test_base_policy_loads_with_defaults() -> None:
+    p = parse_policy(BASE.encode(), "p.toml")
+    assert p.domains["x"].gateway.exploded == "10.10.0.1"
+    assert p.lease_seconds == 3600
+    assert [r.name for r in p.rules] == ["web"]
+    assert p.quarantine.pool is None
+
+
+def test_toml_syntax_error_names_its_line() -> None:
+    text = BASE + "\n[extra\nname = 'x'\n"
+    line = text.splitlines().index("[extra") + 1
+    out = problems(text)
+    assert len(out) == 1
+    assert out[0].startswith(f"p.toml: line {line}, column 7:"), out
+    assert "expected valid TOML" in out[0]
+
+
+def test_duplicate_toml_key_is_a_syntax_error_with_line() -> None:
+    out = problems(BASE + '\n[domains.x]\npool = "10.30.0.0/24"\n')
+    assert out[0].startswith("p.toml: line ")
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (
+            '[site]\ncolour = "x"',
+            "p.toml: site.colour: unknown key, expected one of: tld, release_after",
+        ),
+        (
+            '[domains.z]\npool = "10.30.0.0/24"\nintenet = true',
+            "p.toml: domains.z.intenet: unknown key",
+        ),
+    ],
+)
+def test_unknown_keys(extra: str, expected: str) -> None:
+    text = BASE.replace("[site]\n", "") if extra.startswith("[site]") else BASE
+    out = problems(text + "\n" + extra + "\n")
+    assert any(line.startswith(expected) for line in out), out
+
+
+@pytest.mark.parametrize(
+    ("match", "field"),
+    [
+        ('mac = "52:54:zz:*"', "rules.web2.match.mac"),
+        ('mac = "52:54:00:00:00:00:00"', "rules.web2.match.mac"),
+        ('mac_prefix = "52:54:00:00:00:00/49"', "rules.web2.match.mac_prefix"),
+        ('mac_prefix = "52:54:00:01:00:00/24"', "rules.web2.match.mac_prefix"),
+        ('mac_mask = "52:54:00:00:00:01/ff:ff:ff:00:00:00"', "rules.web2.match.mac_mask"),
+        ('mac_mask = "52:54:00:00:00:01"', "rules.web2.match.mac_mask"),
+    ],
+)
+def test_bad_macs(match: str, field: str) -> None:
+    out = problems(BASE + f'\n[[rules]]\nname = "web2"\ndomain = "y"\nmatch.{match}\n')
+    assert any(line.startswith(f"p.toml: {field}: ") and "expected" in line for line in out), out
+
+
+@pytest.mark.parametrize(
+    "pool", ["10.30.0.0/33", "10.30.0.1/24", "banana", "10.30.0.0/31", "fd00::/64"]
+)
+def test_bad_cidrs(pool: str) -> None:
+    out = problems(BASE + f'\n[domains.z]\npool = "{pool}"\n')
+    assert any(line.startswith("p.toml: domains.z.pool: ") and "expected" in line for line in out)
+
+
+def test_cidr_with_host_bits_suggests_the_network() -> None:
+    out = problems(BASE + '\n[domains.z]\npool = "10.30.0.5/24"\n')
+    assert "did you mean 10.30.0.0/24?" in out[0]
+
+
+def test_overlapping_pools() -> None:
+    out = problems(BASE + '\n[domains.z]\npool = "10.10.0.128/25"\n')
+    assert out == [
+        "p.toml: domains.z.pool: 10.10.0.128/25 overlaps domains.x.pool (10.10.0.0/24), "
+        "expected disjoint pools"
+    ]
+
+
+def test_quarantine_pool_overlap() -> None:
+    out = problems(BASE + '\n[quarantine]\npool = "10.20.0.0/16"\n')
+    assert out[0].startswith("p.toml: quarantine.pool: 10.20.0.0/16 overlaps domains.")
+
+
+def test_unknown_domain_references() -> None:
+    text = BASE.replace("internet = true", 'internet = true\nreach = ["y", "nowhere"]')
+    out = problems(text + '\n[[rules]]\nname = "db"\ndomain = "mars"\nmatch.mac = "02:*"\n')
+    assert "p.toml: domains.x.reach[2]: unknown domain 'nowhere', expected one of: x, y" in out
+    assert "p.toml: rules.db.domain: unknown domain 'mars', expected one of: x, y" in out
+
+
+def test_duplicate_rule_names() -> None:
+    out = problems(BASE + '\n[[rules]]\nname = "web"\ndomain = "y"\nmatch.mac = "02:*"\n')
+    assert out == [
+        "p.toml: rules[2].name: duplicate rule name, also used by rules[1], expected unique names"
+    ]
+
+
+def test_names_that_can_collide() -> None:
+    out = problems(
+        BASE
+        + '\n[[rules]]\nname = "web1"\ndomain = "x"\nsubdomain = "web1{n}"\nmatch.mac = "02:*"\n'
+    )
+    assert len(out) == 1
+    assert out[0].startswith("p.toml: rules.web1.subdomain: 'web1{n}' can give the same name as")
+    assert "'web11'" in out[0]
+
+
+def test_same_template_in_other_domain_is_fine() -> None:
+    parse_policy(
+        (
+            BASE
+            + '\n[[rules]]\nname = "web-y"\ndomain = "y"\nsubdomain = "web{n}"\nmatch.mac = "02:*"\n'
+        ).encode(),
+        "p.toml",
+    )
+
+
+@pytest.mark.parametrize(
+    "later",
+    [
+        'match.mac = "52:54:00:12:*"',
+        'match.mac_prefix = "52:54:00:00:00:00/32"',
+        'match.mac = "52:54:00:*"\nmatch.interface = "vnet*"',
+        'match.mac_mask = "52:54:00:00:00:01/ff:ff:ff:00:00:01"',
+    ],
+)
+def test_shadowed_rules(later: str) -> None:
+    out = problems(BASE + f'\n[[rules]]\nname = "db"\ndomain = "y"\n{later}\n')
+    assert out == [
+        "p.toml: rules.db.match: can never match: rules.web before it matches every machine "
+        "it does; expected it to be moved before that rule or narrowed"
+    ]
+
+
+def test_narrower_rule_first_is_fine() -> None:
+    text = BASE.replace('match.mac = "52:54:00:*"', 'match.mac = "52:54:00:12:*"')
+    parse_policy(
+        (text + '\n[[rules]]\nname = "db"\ndomain = "y"\nmatch.mac = "52:54:00:*"\n').encode(), "p"
+    )
+
+
+def test_contradicting_mac_criteria() -> None:
+    out = problems(
+        BASE
+        + '\n[[rules]]\nname = "db"\ndomain = "y"\nmatch.mac = "00:16:*"\nmatch.random = true\n'
+    )
+    assert any("contradict" in line for line in out)
+
+
+def test_every_problem_reported_at_once() -> None:
+    text = BASE.replace('tld = "internal"', 'tld = "Bad Tld"').replace(
+        'pool = "10.20.0.0/24"', 'pool = "10.10.0.0/16"'
+    )
+    out = problems(text)
+    assert any(line.startswith("p.toml: site.tld:") for line in out)
+    assert any(line.startswith("p.toml: domains.y.pool:") for line in out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_never_a_traceback_on_bytes(data: bytes) -> None:
+    try:
+        parse_policy(data, "p.toml")
+    except PolicyError as e:
+        assert e.problems and all(str(p).startswith("p.toml: ") for p in e.problems)
+
+
+toml_values = st.recursive(
+    st.none().map(lambda _: "x") | st.booleans() | st.integers(-5, 70000) | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+keys = st.sampled_from(
+    [
+        "site",
+        "bridge",
+        "wan",
+        "dhcp",
+        "domains",
+        "rules",
+        "quarantine",
+        "tld",
+        "pool",
+        "match",
+        "name",
+        "domain",
+        "mac",
+        "x",
+        "y",
+        "reach",
+        "internet",
+        "services",
+        "subdomain",
+        "max",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.dictionaries(keys, st.dictionaries(keys, toml_values, max_size=4) | toml_values, max_size=6)
+)
+def test_never_a_traceback_on_structures(doc: dict) -> None:
+    import json
+
+    # JSON is a TOML subset only for inline values; build TOML via a tiny writer.
+    text = "\n".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in doc.items())
+    try:
+        parse_policy(text.encode(), "p.toml")
+    except PolicyError as e:
+        assert all(str(p).startswith("p.toml: ") for p in e.problems)
+
+
+def _toml(v: object) -> str:
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(x)}" for k, x in v.items()) + "}"
+    return '""'
+
+
+def run_check(*files: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "controller.cli", "policy", "check", *files],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_cli_valid_files_one_summary_line_each(tmp_path: Path) -> None:
+    f = tmp_path / "ok.toml"
+    f.write_text(BASE)
+    r = run_check(str(ROOT / "policies" / "lab.toml"), str(f))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[1].startswith(f"{f}: ok: bridge virbr0, 2 domain(s)")
+
+
+def test_cli_invalid_file_exit_2_one_line_per_problem(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(BASE)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        BASE
+        + '\n[domains.z]\npool = "10.10.0.0/16"\n[[rules]]\nname = "web"\ndomain = "q"\nmatch.mac = "02:*"\n'
+    )
+    r = run_check(str(good), str(bad))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stdout.startswith(f"{good}: ok")
+    errs = r.stderr.splitlines()
+    assert all(line.startswith(f"{bad}: ") for line in errs)
+    assert len(errs) == 3, errs  # overlap, duplicate name, unknown domain
+
+
+def test_cli_missing_file(tmp_path: Path) -> None:
+    r = run_check(str(tmp_path / "nope.toml"))
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip()
+        == f"{tmp_path / 'nope.toml'}: file: cannot read it (No such file or directory)"
+    )
+
+
+def test_cli_usage_error_is_one_line_exit_2() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "policy", "chek"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1
