@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +37,7 @@ def _root_state() -> dict[str, object]:
         "rule6": out(["ip", "-6", "rule"]),
         "addr": out(["ip", "-br", "addr"]),
         "links": links(),
-        "ip_forward": open("/proc/sys/net/ipv4/ip_forward").read(),
+        "ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text(),
     }
     if shutil.which("nft"):
         state["nft"] = out(["nft", "list", "ruleset"])
