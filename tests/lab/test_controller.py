@@ -307,3 +307,18 @@ def test_status_human_and_json(make_lab: Any) -> None:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert r.returncode == 1 and "no controller is running" in r.stderr
+
+
+def test_sigterm_stops_the_controller_and_leaves_the_data_plane(make_lab: Any) -> None:
+    lab = make_lab(3, controller=True)
+    ip = {i: lease.ip for i, lease in leases(lab).items()}
+    rules = ruleset(lab)
+    proc = controllerproc.pid(lab)
+    assert proc is not None
+    processes.send_signal(proc, signal.SIGTERM)
+    assert processes.wait_exit(proc, 5.0), "the controller did not stop on SIGTERM"
+    assert "SIGTERM: stopping; the data plane stays in place" in lab.controller_log.read_text()
+    assert not (lab.state_dir / "control.sock").exists()
+    assert ruleset(lab) == rules
+    assert reachable(lab, 1, ip[3]) and not reachable(lab, 1, ip[2])
+    assert dhcpclient.renew(lab, 3).ip == ip[3]  # dnsmasq still serves
