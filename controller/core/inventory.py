@@ -574,21 +574,22 @@ class _Ports(Mapping[str, Port]):
         self._indexes = indexes
 
     def __getitem__(self, name: str) -> Port:
-        for i in self._names.get(name, ()):
-            if i in self._indexes:
-                link = self._links[i]
-                return Port(link.name, i, link.up)
-        raise KeyError(name)
+        # Two ports share a name only transiently (a rename half-applied): the
+        # newer (higher ifindex) wins, as everywhere else here.
+        found = [i for i in self._names.get(name, ()) if i in self._indexes]
+        if not found:
+            raise KeyError(name)
+        link = self._links[max(found)]
+        return Port(link.name, link.index, link.up)
 
     def __contains__(self, name: object) -> bool:
         return any(i in self._indexes for i in self._names.get(name, ()))
 
     def __iter__(self) -> Iterator[str]:
-        for i in sorted(self._indexes):
-            yield self._links[i].name
+        return iter(dict.fromkeys(self._links[i].name for i in sorted(self._indexes)))
 
     def __len__(self) -> int:
-        return len(self._indexes)
+        return len({self._links[i].name for i in self._indexes})
 
 
 def inventory(tables: Tables, bridge: str) -> Inventory:
