@@ -13,6 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _plan(sub)
     _run(sub)
     _status(sub)
+    _wg(sub)
     _lab(sub)
     _bench(sub)
 
@@ -81,6 +82,25 @@ def _status(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=handler)
 
 
+def _wg(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("wg", help="WireGuard: the hub's machines")
+    wsub = p.add_subparsers(dest="wg_command", metavar="ACTION", parser_class=type(p))
+    wsub.required = True
+    e = wsub.add_parser(
+        "export", help="print a wg-quick configuration for a hub machine (contains its private key)"
+    )
+    e.add_argument("name", metavar="NAME", help="machine name (web1 or web1.x.internal) or MAC")
+    e.add_argument("--state", default=DEFAULT_STATE, metavar="DIR")
+    e.add_argument("--json", action="store_true")
+
+    def handler(args: argparse.Namespace) -> int:
+        from controller.wgexport import export_command
+
+        return export_command(args.state, args.name, as_json=args.json)
+
+    e.set_defaults(handler=handler)
+
+
 def _lab(sub: argparse._SubParsersAction) -> None:
     from controller.lab.commands import register as register_lab
 
@@ -105,3 +125,18 @@ def _bench(sub: argparse._SubParsersAction) -> None:
         return bench_command(args)
 
     r.set_defaults(handler=handler)
+
+    w = bsub.add_parser("wireguard", help="hub peer add cost, first packet, tunnel throughput")
+    w.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    w.add_argument("--sizes", default="10,1000", help="hub peers present (comma-separated)")
+    w.add_argument("--runs", type=int, default=100, help="peer additions measured per size")
+    w.add_argument("--seconds", type=int, default=3, help="iperf3 duration per path")
+    w.add_argument("--no-throughput", action="store_true", help="skip the two-lab iperf3 part")
+    w.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
+
+    def wg_handler(args: argparse.Namespace) -> int:
+        from controller.bench.wireguard import bench_command as wg_bench
+
+        return wg_bench(args)
+
+    w.set_defaults(handler=wg_handler)

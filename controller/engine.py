@@ -21,15 +21,19 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from controller import control
+from controller import control, wgexport
+from controller.core.desired import fqdn_of
 from controller.drivers.addresses import Addresses, enable_forwarding
 from controller.drivers.dhcp import Dnsmasq
 from controller.drivers.nft import Nft
+from controller.drivers.tunnels import Tunnels, machine_key_path
+from controller.drivers.wireguard import WireGuard, detect, keys
 from controller.policy.load import PolicyError, load_policy
 from controller.policy.model import Policy
 from controller.reconcile import Reconciler
@@ -54,8 +58,14 @@ class Controller:
         self.state_dir = state_dir
         self.resync_every = resync
         self.dnsmasq = Dnsmasq(state_dir)
+        addresses = Addresses()
         self.reconciler = Reconciler(
-            policy, state_dir, nft=Nft(), addresses=Addresses(), dnsmasq=self.dnsmasq
+            policy,
+            state_dir,
+            nft=Nft(),
+            addresses=addresses,
+            dnsmasq=self.dnsmasq,
+            tunnels=Tunnels(_wireguard(state_dir), addresses.ipr, state_dir),
         )
         self.last_policy_error: str | None = None
         self.send, self.recv = trio.open_memory_channel[object](10_000)
@@ -64,6 +74,9 @@ class Controller:
     async def run(self) -> None:
         from controller.sources.netlink import NetlinkSource
 
+        # Before any source, tunnel or machine: nothing leaves the WAN outside
+        # the tunnel from here on.
+        self.reconciler.early()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals, nursery.cancel_scope)
             nursery.start_soon(self.dnsmasq.run)
@@ -169,6 +182,8 @@ class Controller:
                 },
                 "machines": [m.to_json() for m in rec.machines()],
             }
+        if cmd == "wg-export":
+            return self._wg_export(request.get("name"))
         if cmd in ("reload", "resync"):
             item = Reload("control socket") if cmd == "reload" else Resync("control socket")
             try:
@@ -177,6 +192,68 @@ class Controller:
                 return {"ok": False, "error": "busy, try again"}
             return {"ok": True}
         return {"ok": False, "error": f"unknown command {cmd!r}, expected status, reload or resync"}
+
+    def _wg_export(self, name: object) -> dict:
+        rec = self.reconciler
+        if not isinstance(name, str) or not 0 < len(name) <= 253:
+            return {"ok": False, "usage": True, "error": "NAME: expected a machine name or MAC"}
+        a = rec.find(name)
+        if a is None:
+            return {
+                "ok": False,
+                "usage": True,
+                "error": f"{name}: no such machine (see dom0 status)",
+            }
+        hub = rec.policy.hub
+        if hub is None or a.underlay is None or a.address is None or a.absent_since is not None:
+            return {
+                "ok": False,
+                "usage": True,
+                "error": f"{name}: not a present machine of a hub domain (its domain needs hub = true)",
+            }
+        if rec.tunnels is None:
+            return {"ok": False, "error": "this controller runs without WireGuard"}
+        private = keys.load(machine_key_path(self.state_dir, a.mac))
+        hub_key = rec.tunnels.hub_public_key(rec.applied_policy.hub)  # type: ignore[union-attr]
+        fqdn = fqdn_of(rec.policy, a)
+        endpoint = f"{hub.gateway}:{hub.listen_port}"
+        config = wgexport.render(
+            fqdn=fqdn,
+            mac=a.mac,
+            private_key=keys.to_base64(private.secret_bytes()),
+            address=a.address,
+            hub_public_key=hub_key,
+            endpoint=endpoint,
+            mtu=hub.mtu,
+        )
+        log.info("wg export: handed out the tunnel configuration of %s", fqdn)
+        return {
+            "ok": True,
+            "name": fqdn,
+            "mac": a.mac,
+            "address": a.address,
+            "underlay": a.underlay,
+            "endpoint": endpoint,
+            "public_key": keys.to_base64(private.public),
+            "config": config,
+        }
+
+
+def _wireguard(state_dir: Path) -> Callable[[], WireGuard]:
+    """The WireGuard backend, found on first use: a policy without uplink or
+    hub never needs one, and a missing one is an error of the sync that needs
+    it (retried), not of the controller's start."""
+    found: list[WireGuard] = []
+
+    def get() -> WireGuard:
+        if not found:
+            d = state_dir / "wireguard"
+            d.mkdir(mode=0o700, exist_ok=True)
+            found.append(detect(d, log_dir=d))
+            log.info("wireguard: using the %s backend", found[0].kind)
+        return found[0]
+
+    return get
 
 
 def _digest(path: Path) -> str | None:

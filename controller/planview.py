@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -19,6 +20,7 @@ from controller.core.allocation import Ledger
 from controller.core.decide import decide, decide_order
 from controller.core.desired import fqdn_of, policy_state
 from controller.core.plan import EMPTY, Flat, flatten, plan
+from controller.drivers.tunnels import machine_public_key
 from controller.policy.load import PolicyError, load_policy
 from controller.store import Store, StoreError
 
@@ -35,14 +37,22 @@ async def _snapshot() -> inv.Tables:
 
 
 def applied_flat(store: Store | None) -> Flat:
+    """What was last applied, policy and machines together."""
     if store is None:
         return EMPTY
     base = store.applied_policy()
-    machines = store.applied_machines()
     if base.shape is None:
         return EMPTY
-    assert base.dhcp is not None
-    return flatten(base.shape, base.sets, base.addresses, base.dhcp, machines.values())
+    sets = {k: set(v) for k, v in base.sets.items()}
+    hosts, peers = {}, {}
+    for m in store.applied_machines().values():
+        for key, elems in m.elements.items():
+            sets.setdefault(key, set()).update(elems)
+        if m.dhcp is not None:
+            hosts[m.dhcp.mac] = m.dhcp
+        if m.peer is not None:
+            peers[m.peer.public_key] = m.peer
+    return replace(base, sets={k: frozenset(v) for k, v in sets.items()}, hosts=hosts, peers=peers)
 
 
 def plan_command(policy_file: str, state_dir: str, *, as_json: bool = False) -> int:
@@ -66,7 +76,14 @@ def plan_command(policy_file: str, state_dir: str, *, as_json: bool = False) -> 
     machines = {}
     decisions = []
     for mac in decide_order(ledger, set(inventory.sightings) | set(ledger.by_mac)):
-        out = decide(policy, inventory, ledger, mac, now)
+        out = decide(
+            policy,
+            inventory,
+            ledger,
+            mac,
+            now,
+            lambda m: machine_public_key(Path(state_dir), m, create=False),
+        )
         if out.state is not None:
             machines[mac] = out.state
         for a in out.put:
@@ -84,7 +101,7 @@ def plan_command(policy_file: str, state_dir: str, *, as_json: bool = False) -> 
         if out.refused:
             decisions.append({"mac": mac, "refused": out.refused})
     pstate = policy_state(policy, inventory.foreign_ports)
-    desired = flatten(pstate.shape, pstate.sets, pstate.addresses, pstate.dhcp, machines.values())
+    desired = flatten(pstate, machines.values())
     p = plan(desired, applied_flat(store))
     if as_json:
         print(

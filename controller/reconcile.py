@@ -23,11 +23,19 @@ from pathlib import Path
 from controller.core import inventory as inv
 from controller.core.allocation import Allocation, Ledger
 from controller.core.decide import Outcome, decide, decide_order
-from controller.core.desired import MachineState, PolicyState, fqdn_of, policy_state
-from controller.core.plan import Flat, Plan, flatten, plan, plan_machines
-from controller.drivers.addresses import Addresses
+from controller.core.desired import (
+    HubPeer,
+    KillSwitch,
+    MachineState,
+    PolicyState,
+    fqdn_of,
+    policy_state,
+)
+from controller.core.plan import Plan, flatten, host_diff, plan_machines, set_diff
+from controller.drivers.addresses import AddressError, Addresses
 from controller.drivers.dhcp import Dnsmasq, HostsDir
 from controller.drivers.nft import Nft, NftError
+from controller.drivers.tunnels import Tunnels, machine_public_key
 from controller.policy.model import QUARANTINE, Policy
 from controller.store import Store
 
@@ -46,6 +54,7 @@ class Machine:
     address: str | None
     state: str  # admitted | quarantined | refused | absent
     reason: str | None = None
+    underlay: str | None = None  # hub machines: the bridge address their tunnel uses
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -71,6 +80,7 @@ class Reconciler:
         nft: Nft,
         addresses: Addresses | None,
         dnsmasq: Dnsmasq | None,
+        tunnels: Tunnels | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.policy = policy
@@ -80,6 +90,7 @@ class Reconciler:
         self.nft = nft
         self.addresses = addresses
         self.dnsmasq = dnsmasq
+        self.tunnels = tunnels
         self.hosts = dnsmasq.hosts if dnsmasq else HostsDir(state_dir)
         self.clock = clock
         self.tables = inv.EMPTY
@@ -110,6 +121,13 @@ class Reconciler:
             self._link_changed(before.links.get(index), self.tables.links.get(index), before)
 
     def _link_changed(self, old: inv.Link | None, new: inv.Link | None, before: inv.Tables) -> None:
+        tunnels = {t.interface for t in (self.policy.uplink, self.policy.hub) if t is not None}
+        if any(link is not None and link.name in tunnels for link in (old, new)):
+            # the uplink or the hub went down, away or came back: repair now
+            # (a dead wireguard-go takes its interface with it)
+            if (old is None) != (new is None) or (old and new and old.up != new.up):
+                self.dirty_all = True
+            return
         bridge = inv.bridge_index(self.tables, self.policy.bridge)
         if any(link is not None and link.kind == "bridge" for link in (old, new)):
             # Only the managed bridge coming, going or being renamed matters:
@@ -149,8 +167,11 @@ class Reconciler:
         return self.dirty_all or bool(self.dirty) or self.force_rebuild
 
     # -- deciding --------------------------------------------------------------
+    def _key(self, mac: str) -> str:
+        return machine_public_key(self.state_dir, mac)
+
     def _decide(self, mac: str, now: int) -> Outcome:
-        out = decide(self.policy, self.inventory, self.ledger, mac, now)
+        out = decide(self.policy, self.inventory, self.ledger, mac, now, self._key)
         if out.refused:
             if self.refused.get(mac) != out.refused:
                 log.error("machine %s: %s; it gets nothing", mac, out.refused)
@@ -206,6 +227,13 @@ class Reconciler:
             self._failed(f"nftables: {e}")
             return
         self._apply_hosts(p)
+        if (p.peers_put or p.peers_del) and self.tunnels is not None:
+            hub = self.applied_policy.hub if self.applied_policy else None
+            if hub is not None:
+                try:
+                    self.tunnels.hub_peers(hub, dict(p.peers_put), p.peers_del)
+                except Exception as e:
+                    self._failed(f"hub peers: {e}")
         for mac, state in desired.items():
             if state is None:
                 self.applied.pop(mac, None)
@@ -242,57 +270,122 @@ class Reconciler:
         self.store.commit_allocations(puts, removed)
         return policy_state(self.policy, self.inventory.foreign_ports), machines
 
+    def early(self) -> None:
+        """Before anything else: the kill switch, so that nothing can leave the
+        WAN outside the tunnel while the rest is being set up."""
+        ks = policy_state(self.policy, ()).killswitch
+        self._killswitch(ks)
+
+    def _killswitch(self, ks: KillSwitch | None) -> None:
+        if ks is not None:
+            if not self.nft.killswitch_matches(ks):
+                log.info(
+                    "killswitch: only UDP to %s:%d leaves %s",
+                    ks.endpoint_host,
+                    ks.endpoint_port,
+                    ks.wan,
+                )
+                self.nft.write_killswitch(ks)
+        elif self.applied_policy is None or self.applied_policy.killswitch is not None:
+            self.nft.delete_killswitch()  # the policy has no uplink (any more)
+
+    def _tunnels(self, pstate: PolicyState) -> None:
+        if self.tunnels is None:
+            return
+        if pstate.uplink is not None:
+            self.tunnels.ensure_uplink(pstate.uplink)
+        if pstate.hub is not None:
+            self.tunnels.ensure_hub(pstate.hub)
+
+    def _hub_peers(self, pstate: PolicyState, peers: dict[str, HubPeer]) -> None:
+        if self.tunnels is None or pstate.hub is None:
+            return
+        have = self.tunnels.hub_peer_state(pstate.hub)
+        put = {k: p for k, p in peers.items() if have.get(k) != p.allowed_ips}
+        gone = frozenset(k for k in have if k not in peers)
+        if put or gone:
+            self.tunnels.hub_peers(pstate.hub, put, gone)
+
     def sync(self) -> None:
-        """The full path: everything desired against what the kernel holds."""
+        """The full path: everything desired against what the kernel holds.
+
+        In order: the kill switch (nothing may leak while the rest comes up),
+        the uplink and the hub, dom0's addresses, nftables, hub peers, DHCP."""
         self.stats.syncs += 1
         rebuild = self.force_rebuild
         self.dirty_all = self.force_rebuild = False
         self.dirty.clear()
         pstate, machines = self.desired_all(int(self.clock()))
-        desired = flatten(
-            pstate.shape, pstate.sets, pstate.addresses, pstate.dhcp, machines.values()
-        )
+        desired = flatten(pstate, machines.values())
+        self._killswitch(pstate.killswitch)
+        try:
+            self._tunnels(pstate)
+        except Exception as e:  # the kill switch holds; try again at the next sync
+            self.stats.errors += 1
+            self.stats.last_error = f"tunnels: {e}"
+            log.error("tunnels: %s (the kill switch holds; retrying at the next sync)", e)
+        if self.addresses is not None:
+            self._addresses(pstate)
         kernel = self.nft.read(pstate.shape)
         try:
             if rebuild or not kernel.shape_matches:
                 self.stats.rebuilds += 1
                 log.info("nftables: writing dom0's tables (%d machines)", len(machines))
-                self.nft.rebuild(desired.shape, desired.sets)  # type: ignore[arg-type]
+                self.nft.rebuild(pstate.shape, desired.sets)
             else:
-                current = Flat(pstate.shape, kernel.sets, frozenset(), None, {})
-                self.nft.apply(
-                    plan(Flat(pstate.shape, desired.sets, frozenset(), None, {}), current)
-                )
+                self.nft.apply(_set_plan(desired.sets, kernel.sets))
         except NftError as e:
             self.stats.errors += 1
             self.stats.last_error = f"nftables: {e}"
             if rebuild:
                 raise
             log.error("nftables: %s; rebuilding", e)
-            self.nft.rebuild(desired.shape, desired.sets)  # type: ignore[arg-type]
-        if self.addresses is not None:
-            owned = self.addresses.owned(self.policy.bridge)
-            if self.inventory.bridge_index is None:
-                log.warning("bridge %s does not exist yet: waiting for it", self.policy.bridge)
-            elif owned != pstate.addresses:
-                self.addresses.apply(
-                    self.policy.bridge, pstate.addresses - owned, owned - pstate.addresses
-                )
-        on_disk = self.hosts.read()
-        hp = plan(
-            Flat(None, {}, frozenset(), None, desired.hosts),
-            Flat(None, {}, frozenset(), None, on_disk),
-        )
-        self._apply_hosts(hp)
+            self.nft.rebuild(pstate.shape, desired.sets)
+        try:
+            self._hub_peers(pstate, dict(desired.peers))
+        except Exception as e:
+            self.stats.errors += 1
+            self.stats.last_error = f"hub peers: {e}"
+            log.error("hub peers: %s (retrying at the next sync)", e)
+        put, gone, changed = host_diff(desired.hosts, self.hosts.read())
+        self._apply_hosts(Plan(hosts_put=put, hosts_del=gone, hosts_changed=changed))
         if self.dnsmasq is not None and self.inventory.bridge_index is not None:
             self.dnsmasq.configure(pstate.dhcp)
         self.applied = dict(machines)
         self.applied_policy = pstate
-        self.store.replace_applied(
-            Flat(pstate.shape, pstate.sets, pstate.addresses, pstate.dhcp, {}), machines
-        )
+        self.store.replace_applied(flatten(pstate, ()), machines)
+
+    def _addresses(self, pstate: PolicyState) -> None:
+        assert self.addresses is not None
+        interfaces = {i for i, _ in pstate.addresses} | {self.policy.bridge}
+        if self.applied_policy is not None:
+            interfaces |= {i for i, _ in self.applied_policy.addresses}
+        owned = self.addresses.owned(interfaces)
+        if self.inventory.bridge_index is None:
+            log.warning("bridge %s does not exist yet: waiting for it", self.policy.bridge)
+        if owned == pstate.addresses:
+            return
+        try:
+            self.addresses.apply(pstate.addresses - owned, owned - pstate.addresses)
+        except AddressError as e:
+            self.stats.errors += 1
+            self.stats.last_error = f"addresses: {e}"
+            log.warning("addresses: %s; retrying at the next sync", e)
 
     # -- reporting -------------------------------------------------------------
+    def find(self, name: str) -> Allocation | None:
+        """A machine by MAC, full name, or label when that is unambiguous."""
+        wanted = name.strip().lower().rstrip(".")
+        if wanted in self.ledger.by_mac:
+            return self.ledger.by_mac[wanted]
+        found = [
+            a
+            for a in self.ledger.by_mac.values()
+            if fqdn_of(self.policy, a) == wanted
+            or fqdn_of(self.policy, a).split(".", 1)[0] == wanted
+        ]
+        return found[0] if len(found) == 1 else None
+
     def machines(self) -> list[Machine]:
         out: list[Machine] = []
         for mac in sorted(set(self.ledger.by_mac) | set(self.refused)):
@@ -327,6 +420,12 @@ class Reconciler:
                     name=fqdn_of(self.policy, a),
                     address=a.address,
                     state=state,
+                    underlay=a.underlay,
                 )
             )
         return out
+
+
+def _set_plan(desired: dict, kernel: dict) -> Plan:
+    add, delete = set_diff(desired, kernel)
+    return Plan(add=add, delete=delete)

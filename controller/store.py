@@ -18,17 +18,17 @@ from pathlib import Path
 
 from controller.core.allocation import Allocation
 from controller.core.desired import (
-    BINDING,
-    PORT_MAC,
     DhcpConfig,
-    DhcpHost,
     DhcpRange,
+    HubState,
+    KillSwitch,
     MachineState,
     Shape,
+    UplinkState,
 )
 from controller.core.plan import EMPTY, Flat
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS allocations (
@@ -39,18 +39,23 @@ CREATE TABLE IF NOT EXISTS allocations (
     address TEXT,
     port TEXT NOT NULL,
     absent_since INTEGER,
+    underlay TEXT UNIQUE,
     UNIQUE (rule, slot),
     UNIQUE (domain, address)
 );
-CREATE TABLE IF NOT EXISTS applied_machines (
-    mac TEXT PRIMARY KEY,
-    port TEXT NOT NULL,
-    address TEXT,
-    hostname TEXT,
-    tag TEXT
-);
+CREATE TABLE IF NOT EXISTS applied_machines (mac TEXT PRIMARY KEY, state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS applied_policy (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Each step takes the schema from version N to N+1, in one transaction.
+_MIGRATIONS = {
+    1: """
+    ALTER TABLE allocations ADD COLUMN underlay TEXT;
+    CREATE UNIQUE INDEX allocations_underlay ON allocations (underlay);
+    DROP TABLE applied_machines;  -- a record of what was applied: the next sync rewrites it
+    CREATE TABLE applied_machines (mac TEXT PRIMARY KEY, state TEXT NOT NULL);
+    DELETE FROM applied_policy;
+    """,
+}
 
 
 class StoreError(Exception):
@@ -76,18 +81,27 @@ class Store:
             # (the WAL is in the OS); only power loss can drop the last ones.
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(_SCHEMA)
-            self._check_version()
+            self._migrate(fresh)
         self.db.execute("PRAGMA busy_timeout=5000")
 
-    def _check_version(self) -> None:
-        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None:
+    def _migrate(self, fresh: bool) -> None:
+        if fresh:
+            self.db.executescript(_SCHEMA)
             self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
+            return
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION or version not in (*_MIGRATIONS, SCHEMA_VERSION):
             raise StoreError(
-                f"{self.path}: schema version {row[0]}, this dom0 knows {SCHEMA_VERSION}"
+                f"{self.path}: schema version {version}, this dom0 knows up to {SCHEMA_VERSION}"
             )
+        while version < SCHEMA_VERSION:
+            with _transaction(self.db):
+                for statement in _MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                version += 1
+                self.db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(version),))
 
     def close(self) -> None:
         self.db.close()
@@ -95,7 +109,7 @@ class Store:
     # -- allocations -------------------------------------------------------------
     def allocations(self) -> list[Allocation]:
         rows = self.db.execute(
-            "SELECT mac, rule, slot, domain, address, port, absent_since FROM allocations"
+            "SELECT mac, rule, slot, domain, address, port, absent_since, underlay FROM allocations"
         )
         return [Allocation(*row) for row in rows]
 
@@ -105,31 +119,27 @@ class Store:
         with _transaction(self.db):
             self.db.executemany("DELETE FROM allocations WHERE mac=?", [(m,) for m in remove])
             self.db.executemany(
-                "INSERT INTO allocations VALUES (?,?,?,?,?,?,?) ON CONFLICT(mac) DO UPDATE SET "
+                "INSERT INTO allocations VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(mac) DO UPDATE SET "
                 "rule=excluded.rule, slot=excluded.slot, domain=excluded.domain, "
-                "address=excluded.address, port=excluded.port, absent_since=excluded.absent_since",
-                [(a.mac, a.rule, a.slot, a.domain, a.address, a.port, a.absent_since) for a in put],
+                "address=excluded.address, port=excluded.port, "
+                "absent_since=excluded.absent_since, underlay=excluded.underlay",
+                [
+                    (a.mac, a.rule, a.slot, a.domain, a.address, a.port, a.absent_since, a.underlay)
+                    for a in put
+                ],
             )
 
     # -- what was last applied ---------------------------------------------------
     def commit_applied_machines(self, changes: Mapping[str, MachineState | None]) -> None:
         with _transaction(self.db):
-            for mac, m in changes.items():
-                if m is None:
-                    self.db.execute("DELETE FROM applied_machines WHERE mac=?", (mac,))
-                    continue
-                (port, _mac), *_ = m.elements[PORT_MAC]
-                h = m.dhcp
-                self.db.execute(
-                    "INSERT OR REPLACE INTO applied_machines VALUES (?,?,?,?,?)",
-                    (
-                        mac,
-                        port,
-                        h.address if h else None,
-                        h.hostname if h else None,
-                        h.tag if h else None,
-                    ),
-                )
+            self.db.executemany(
+                "DELETE FROM applied_machines WHERE mac=?",
+                [(mac,) for mac, m in changes.items() if m is None],
+            )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO applied_machines VALUES (?,?)",
+                [(mac, json.dumps(m.to_json())) for mac, m in changes.items() if m is not None],
+            )
 
     def replace_applied(self, flat_policy: Flat, machines: Mapping[str, MachineState]) -> None:
         """After a full apply: the whole applied record at once."""
@@ -140,10 +150,16 @@ class Store:
         self.commit_applied_machines(machines)
 
     def commit_applied_policy(self, flat: Flat) -> None:
+        def opt(x: object) -> object:
+            return None if x is None else x.to_json()  # type: ignore[attr-defined]
+
         value = {
-            "shape": None if flat.shape is None else [flat.shape.bridge, flat.shape.wan],
+            "shape": opt(flat.shape),
+            "killswitch": opt(flat.killswitch),
+            "uplink": opt(flat.uplink),
+            "hub": opt(flat.hub),
             "sets": {f"{k[0]}/{k[1]}": sorted(list(e) for e in v) for k, v in flat.sets.items()},
-            "addresses": sorted(flat.addresses),
+            "addresses": sorted(list(a) for a in flat.addresses),
             "dhcp": None if flat.dhcp is None else _dhcp_json(flat.dhcp),
         }
         with _transaction(self.db):
@@ -152,32 +168,35 @@ class Store:
             )
 
     def applied_machines(self) -> dict[str, MachineState]:
-        out = {}
-        for mac, port, address, hostname, tag in self.db.execute(
-            "SELECT mac, port, address, hostname, tag FROM applied_machines"
-        ):
-            elements = {PORT_MAC: frozenset({(port, mac)}), BINDING: frozenset()}
-            host = None
-            if address is not None:
-                elements[BINDING] = frozenset({(port, mac, address)})
-                host = DhcpHost(mac, address, hostname, tag)
-            out[mac] = MachineState(elements, host)
-        return out
+        return {
+            mac: MachineState.from_json(json.loads(state))
+            for mac, state in self.db.execute("SELECT mac, state FROM applied_machines")
+        }
 
     def applied_policy(self) -> Flat:
+        """The policy-level part of what was last applied (no machines)."""
         row = self.db.execute("SELECT value FROM applied_policy WHERE key='state'").fetchone()
         if row is None:
             return EMPTY
         v = json.loads(row[0])
+
+        def opt(cls: type, x: dict | None) -> object:
+            if x is None:
+                return None
+            return cls(**{k: tuple(w) if isinstance(w, list) else w for k, w in x.items()})
+
         return Flat(
-            shape=None if v["shape"] is None else Shape(*v["shape"]),
+            shape=opt(Shape, v["shape"]),  # type: ignore[arg-type]
             sets={
                 tuple(k.split("/", 1)): frozenset(tuple(e) for e in elems)  # type: ignore[misc]
                 for k, elems in v["sets"].items()
             },
-            addresses=frozenset(v["addresses"]),
+            addresses=frozenset(tuple(a) for a in v["addresses"]),  # type: ignore[misc]
             dhcp=None if v["dhcp"] is None else _dhcp_from_json(v["dhcp"]),
             hosts={},
+            killswitch=opt(KillSwitch, v["killswitch"]),  # type: ignore[arg-type]
+            uplink=opt(UplinkState, v["uplink"]),  # type: ignore[arg-type]
+            hub=opt(HubState, v["hub"]),  # type: ignore[arg-type]
         )
 
 
@@ -186,6 +205,7 @@ def _dhcp_json(c: DhcpConfig) -> dict:
         "bridge": c.bridge,
         "lease": c.lease_seconds,
         "ranges": [[r.tag, str(r.network), r.router, r.domain_name] for r in c.ranges],
+        "tag_domains": [list(t) for t in c.tag_domains],
     }
 
 
@@ -194,6 +214,7 @@ def _dhcp_from_json(v: dict) -> DhcpConfig:
         v["bridge"],
         v["lease"],
         tuple(DhcpRange(t, IPv4Network(n), r, d) for t, n, r, d in v["ranges"]),
+        tuple((t, d) for t, d in v.get("tag_domains", [])),
     )
 
 

@@ -32,6 +32,7 @@ class Allocation:
     address: str | None  # None: quarantined without a quarantine pool
     port: str  # the bridge port the MAC is bound to
     absent_since: int | None = None  # unix time the machine was last seen leaving
+    underlay: str | None = None  # hub domains: its bridge address (tunnel UDP, DHCP)
 
     def released(self, now: int, release_after: int) -> bool:
         return self.absent_since is not None and now - self.absent_since >= release_after
@@ -46,6 +47,11 @@ class Target:
     pool: IPv4Network | None
     gateway: IPv4Address | None
     max_slots: int
+    underlay: IPv4Network | None = None  # hub domains: the hub's bridge pool
+    underlay_gateway: IPv4Address | None = None
+
+
+UNDERLAY = "@underlay"  # the address space of hub machines' bridge addresses
 
 
 class PoolExhausted(Exception):
@@ -61,14 +67,23 @@ def target_for(policy: Policy, rule_name: str | None) -> Target:
         return Target(QUARANTINE_RULE, QUARANTINE, q.pool, q.gateway, size)
     rule = next(r for r in policy.rules if r.name == rule_name)
     domain = policy.domains[rule.domain]
-    return Target(rule.name, domain.name, domain.pool, domain.gateway, rule.max_slots)
+    hub = policy.hub if domain.hub else None
+    return Target(
+        rule.name,
+        domain.name,
+        domain.pool,
+        domain.gateway,
+        rule.max_slots,
+        hub.pool if hub else None,
+        hub.gateway if hub else None,
+    )
 
 
 def _capacity(pool: IPv4Network) -> int:
     return max(pool.num_addresses - 3, 1)
 
 
-def _hosts_start(pool: IPv4Network, gateway: IPv4Address | None, key: str) -> int:
+def _hosts_start(pool: IPv4Network, key: str) -> int:
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % pool.num_addresses
 
@@ -98,11 +113,15 @@ class Ledger:
         holder = self.slots.setdefault(a.rule, {}).get(a.slot)
         if holder is not None and holder != a.mac:
             raise ValueError(f"slot {a.rule}/{a.slot} already held by {holder}")
-        if a.address is not None:
-            holder = self.addresses.setdefault(a.domain, {}).get(a.address)
+        for space, address in ((a.domain, a.address), (UNDERLAY, a.underlay)):
+            if address is None:
+                continue
+            holder = self.addresses.setdefault(space, {}).get(address)
             if holder is not None and holder != a.mac:
-                raise ValueError(f"address {a.address} in {a.domain} already held by {holder}")
-            self.addresses[a.domain][a.address] = a.mac
+                raise ValueError(f"address {address} in {space} already held by {holder}")
+        for space, address in ((a.domain, a.address), (UNDERLAY, a.underlay)):
+            if address is not None:
+                self.addresses[space][address] = a.mac
         self.slots[a.rule][a.slot] = a.mac
         self.ports.setdefault(a.port, set()).add(a.mac)
         self.by_mac[a.mac] = a
@@ -127,6 +146,8 @@ class Ledger:
             self._hint[a.rule] = a.slot
         if a.address is not None:
             self.addresses.get(a.domain, {}).pop(a.address, None)
+        if a.underlay is not None:
+            self.addresses.get(UNDERLAY, {}).pop(a.underlay, None)
 
     # -- choosing ----------------------------------------------------------------
     def free_slot(self, t: Target) -> int | None:
@@ -138,17 +159,25 @@ class Ledger:
         return n if n <= t.max_slots else None
 
     def free_address(self, t: Target, key: str) -> str | None:
+        return self.free_in(t.domain, t.pool, t.gateway, key)
+
+    def free_underlay(self, t: Target, key: str) -> str | None:
+        return self.free_in(UNDERLAY, t.underlay, t.underlay_gateway, key)
+
+    def free_in(
+        self, space: str, pool: IPv4Network | None, gateway: IPv4Address | None, key: str
+    ) -> str | None:
         """An unused host address of the pool, starting from a point derived
         from `key` so that addresses look arbitrary but are reproducible."""
-        if t.pool is None:
+        if pool is None:
             return None
-        used = self.addresses.get(t.domain, {})
-        size = t.pool.num_addresses
-        base = int(t.pool.network_address)
-        start = _hosts_start(t.pool, t.gateway, key)
+        used = self.addresses.get(space, {})
+        size = pool.num_addresses
+        base = int(pool.network_address)
+        start = _hosts_start(pool, key)
         reserved = {base, base + size - 1}
-        if t.gateway is not None:
-            reserved.add(int(t.gateway))
+        if gateway is not None:
+            reserved.add(int(gateway))
         for i in range(size):
             candidate = base + (start + i) % size
             if candidate in reserved:
@@ -164,7 +193,8 @@ class Ledger:
         out = [
             a
             for a in self.by_mac.values()
-            if (a.rule == rule or a.domain == domain) and a.released(now, release_after)
+            if (a.rule == rule or a.domain == domain or a.underlay is not None)
+            and a.released(now, release_after)
         ]
         return sorted(out, key=lambda a: (a.absent_since or 0, a.mac))
 
@@ -218,7 +248,12 @@ def assign(
     while True:
         slot = ledger.free_slot(t)
         address = ledger.free_address(t, key)
-        if slot is not None and (t.pool is None or address is not None):
+        underlay = ledger.free_underlay(t, key)
+        if (
+            slot is not None
+            and (t.pool is None or address is not None)
+            and (t.underlay is None or underlay is not None)
+        ):
             break
         if not released:
             victims = iter(ledger.reclaimable(t.rule, t.domain, now, release_after))
@@ -228,10 +263,11 @@ def assign(
                 ledger.put(a)
             if current is not None:
                 ledger.put(current)
-            what = f"rule {t.rule!r} has no free slot" if slot is None else f"pool {t.pool} is full"
-            raise PoolExhausted(what)
+            if slot is None:
+                raise PoolExhausted(f"rule {t.rule!r} has no free slot")
+            raise PoolExhausted(f"pool {t.pool if address is None else t.underlay} is full")
         ledger.remove(victim.mac)
         released.append(victim)
-    allocation = Allocation(mac, t.rule, slot, t.domain, address, port, None)
+    allocation = Allocation(mac, t.rule, slot, t.domain, address, port, None, underlay)
     ledger.put(allocation)
     return Decision(allocation, tuple(released))

@@ -6,6 +6,7 @@ updates: it is the controller's, or a throw-away copy for `dom0 plan`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from controller.core.allocation import Allocation, Ledger, PoolExhausted, assign, target_for
@@ -40,7 +41,16 @@ def presence(inventory: Inventory, ledger: Ledger, mac: str) -> tuple[str | None
     return seen, None
 
 
-def decide(policy: Policy, inventory: Inventory, ledger: Ledger, mac: str, now: int) -> Outcome:
+def decide(
+    policy: Policy,
+    inventory: Inventory,
+    ledger: Ledger,
+    mac: str,
+    now: int,
+    public_key: Callable[[str], str | None] = lambda _mac: None,
+) -> Outcome:
+    """What `mac` gets now. `public_key(mac)` is its hub tunnel's key (only
+    asked for machines of hub domains)."""
     port, spoof = presence(inventory, ledger, mac)
     current = ledger.get(mac)
     if port is None:
@@ -58,7 +68,11 @@ def decide(policy: Policy, inventory: Inventory, ledger: Ledger, mac: str, now: 
     return Outcome(
         put=(d.allocation,) if d.changed else (),
         released=d.released,
-        state=machine_state(policy, d.allocation),
+        state=machine_state(
+            policy,
+            d.allocation,
+            public_key(mac) if d.allocation.underlay is not None else None,
+        ),
         spoof=spoof,
         new=current is None or current.address != d.allocation.address,
     )

@@ -1,4 +1,4 @@
-"""The desired state: what the kernel, dnsmasq and the bridge should hold.
+"""The desired state: what the kernel, dnsmasq and WireGuard should hold.
 
 Split in two so that cost follows change: `policy_state` depends only on the
 policy and on the bridge's foreign ports (rebuilt on a reload), and
@@ -10,8 +10,8 @@ driver knows each set's type.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Network, ip_interface
 
 from controller.core.allocation import Allocation
 from controller.policy.model import QUARANTINE, SERVICES, Policy
@@ -33,14 +33,66 @@ POLICY_SETS = (EXEMPT, PEERS, REACH, EGRESS, SERVICE, ICMP)
 ALL_SETS = MACHINE_SETS + POLICY_SETS
 
 Element = tuple[str, ...]
+Address = tuple[str, str]  # (interface, "a.b.c.d/len")
 
 
 @dataclass(frozen=True, slots=True)
 class Shape:
-    """What the chains themselves depend on; a change means a full rebuild."""
+    """What the chains of `inet dom0` and `bridge dom0` depend on; a change
+    means writing them whole."""
 
     bridge: str
     wan: str | None
+    egress: str | None  # where masqueraded egress leaves: the uplink, else the WAN
+    hub: str | None = None  # the hub's WireGuard interface
+    hub_port: int | None = None
+    underlay: str | None = None  # the hub's bridge pool: tunnel UDP and DHCP only
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class KillSwitch:
+    """`inet dom0_wan`: on the WAN only the tunnel's UDP to its endpoint (plus
+    what the policy allows) leaves; its own table, written before anything
+    else and independent of every other change."""
+
+    wan: str
+    endpoint_host: str
+    endpoint_port: int
+    fwmark: int
+    allow: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkState:
+    interface: str
+    private_key_file: str
+    peer_public_key: str
+    endpoint: str
+    addresses: tuple[str, ...]
+    table: int  # routing table, and the fwmark of the tunnel's own packets
+    mtu: int
+    persistent_keepalive: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class HubState:
+    interface: str
+    private_key_file: str
+    listen_port: int
+    mtu: int
+    endpoint: str  # what machines dial: the hub's bridge gateway and port
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +100,7 @@ class DhcpRange:
     tag: str  # the domain
     network: IPv4Network
     router: str | None
-    domain_name: str  # e.g. x.internal
+    domain_name: str | None  # e.g. x.internal; None: by host tag (the hub's range)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +108,8 @@ class DhcpConfig:
     bridge: str
     lease_seconds: int
     ranges: tuple[DhcpRange, ...]
+    # host tag -> domain name: hub machines share one range but not one domain
+    tag_domains: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,17 +124,46 @@ class DhcpHost:
 
 
 @dataclass(frozen=True, slots=True)
+class HubPeer:
+    public_key: str  # base64
+    allowed_ips: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyState:
     shape: Shape
+    killswitch: KillSwitch | None
     sets: Mapping[tuple[str, str], frozenset[Element]]
-    addresses: frozenset[str]  # "10.10.0.1/24": dom0's gateways on the bridge
+    addresses: frozenset[Address]  # dom0's own, on the bridge, the hub and the uplink
     dhcp: DhcpConfig
+    uplink: UplinkState | None = None
+    hub: HubState | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class MachineState:
     elements: Mapping[tuple[str, str], frozenset[Element]]
     dhcp: DhcpHost | None
+    peer: HubPeer | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "elements": {f"{k[0]}/{k[1]}": sorted(map(list, v)) for k, v in self.elements.items()},
+            "dhcp": None if self.dhcp is None else asdict(self.dhcp),
+            "peer": None if self.peer is None else asdict(self.peer),
+        }
+
+    @classmethod
+    def from_json(cls, v: dict) -> MachineState:
+        peer = v.get("peer")
+        return cls(
+            elements={
+                tuple(k.split("/", 1)): frozenset(tuple(e) for e in elems)  # type: ignore[misc]
+                for k, elems in v["elements"].items()
+            },
+            dhcp=None if v["dhcp"] is None else DhcpHost(**v["dhcp"]),
+            peer=None if peer is None else HubPeer(peer["public_key"], tuple(peer["allowed_ips"])),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,33 +183,50 @@ def fqdn_of(policy: Policy, a: Allocation) -> str:
     return policy.fqdn(label_of(policy, a), a.domain)
 
 
-def machine_state(policy: Policy, a: Allocation) -> MachineState:
+def machine_state(policy: Policy, a: Allocation, public_key: str | None = None) -> MachineState:
+    """What one machine needs. A hub machine's bridge address is its underlay
+    (DHCP and tunnel UDP only); its domain address lives inside its tunnel,
+    and `public_key` is its tunnel's key."""
+    bridge_address = a.underlay if a.underlay is not None else a.address
     elements: dict[tuple[str, str], frozenset[Element]] = {
         PORT_MAC: frozenset({(a.port, a.mac)}),
         BINDING: frozenset(),
     }
     dhcp = None
-    if a.address is not None:
-        elements[BINDING] = frozenset({(a.port, a.mac, a.address)})
-        dhcp = DhcpHost(a.mac, a.address, label_of(policy, a), a.domain)
-    return MachineState(elements, dhcp)
+    if bridge_address is not None:
+        elements[BINDING] = frozenset({(a.port, a.mac, bridge_address)})
+        tag = f"hub-{a.domain}" if a.underlay is not None else a.domain
+        dhcp = DhcpHost(a.mac, bridge_address, label_of(policy, a), tag)
+    peer = None
+    if a.underlay is not None and a.address is not None and public_key is not None:
+        peer = HubPeer(public_key, (f"{a.address}/32",))
+    return MachineState(elements, dhcp, peer)
 
 
 def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
     domains = policy.domains
+    hub = policy.hub
+    uplink = policy.uplink
     peers: set[Element] = set()
     reach: set[Element] = set()
     egress: set[Element] = set()
     services: set[Element] = set()
     icmp: set[Element] = set()
-    addresses: set[str] = set()
+    addresses: set[Address] = set()
     ranges: list[DhcpRange] = []
     for d in domains.values():
         pool = str(d.pool)
-        addresses.add(f"{d.gateway}/{d.pool.prefixlen}")
-        ranges.append(DhcpRange(d.name, d.pool, str(d.gateway), f"{d.name}.{policy.tld}"))
+        gateway = f"{d.gateway}/{d.pool.prefixlen}"
+        if d.hub and hub is not None:
+            # The domain lives inside the tunnels: its gateway is on the hub,
+            # and no DHCP range: addresses come with the tunnel configuration.
+            addresses.add((hub.interface, gateway))
+        else:
+            addresses.add((policy.bridge, gateway))
+            ranges.append(DhcpRange(d.name, d.pool, str(d.gateway), f"{d.name}.{policy.tld}"))
+            if d.members_reach:
+                peers.add((pool, pool))  # direct frames on the bridge: bridge domains only
         if d.members_reach:
-            peers.add((pool, pool))
             reach.add((pool, pool))
         for other in d.reach:
             reach.add((pool, str(domains[other].pool)))
@@ -140,12 +240,50 @@ def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
                     services.add((pool, proto, str(port)))
     q = policy.quarantine
     if q.pool is not None and q.gateway is not None:
-        addresses.add(f"{q.gateway}/{q.pool.prefixlen}")
+        addresses.add((policy.bridge, f"{q.gateway}/{q.pool.prefixlen}"))
         # No router option: a quarantined machine has nowhere to go.
         ranges.append(DhcpRange(QUARANTINE, q.pool, None, f"{QUARANTINE}.{policy.tld}"))
+    hub_state = None
+    if hub is not None:
+        addresses.add((policy.bridge, f"{hub.gateway}/{hub.pool.prefixlen}"))
+        # No router: a hub machine's only destination on the bridge is the hub.
+        ranges.append(DhcpRange("hub", hub.pool, None, None))
+        hub_state = HubState(
+            hub.interface,
+            hub.private_key_file,
+            hub.listen_port,
+            hub.mtu,
+            f"{hub.gateway}:{hub.listen_port}",
+        )
+    uplink_state = killswitch = None
+    if uplink is not None and policy.wan is not None:
+        for a in uplink.addresses:
+            addresses.add((uplink.interface, str(ip_interface(a))))
+        uplink_state = UplinkState(
+            uplink.interface,
+            uplink.private_key_file,
+            uplink.public_key,
+            uplink.endpoint,
+            uplink.addresses,
+            uplink.table,
+            uplink.mtu,
+            uplink.persistent_keepalive,
+        )
+        killswitch = KillSwitch(
+            policy.wan, uplink.endpoint_host, uplink.endpoint_port, uplink.table, policy.wan_allow
+        )
     exempt = {(p,) for p in foreign_ports} | {(p,) for p in policy.trusted_ports}
+    shape = Shape(
+        bridge=policy.bridge,
+        wan=policy.wan,
+        egress=uplink.interface if uplink is not None else policy.wan,
+        hub=hub.interface if hub else None,
+        hub_port=hub.listen_port if hub else None,
+        underlay=str(hub.pool) if hub else None,
+    )
     return PolicyState(
-        shape=Shape(policy.bridge, policy.wan),
+        shape=shape,
+        killswitch=killswitch,
         sets={
             EXEMPT: frozenset(exempt),
             PEERS: frozenset(peers),
@@ -155,5 +293,14 @@ def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
             ICMP: frozenset(icmp),
         },
         addresses=frozenset(addresses),
-        dhcp=DhcpConfig(policy.bridge, policy.lease_seconds, tuple(ranges)),
+        dhcp=DhcpConfig(
+            policy.bridge,
+            policy.lease_seconds,
+            tuple(ranges),
+            tuple((f"hub-{d.name}", f"{d.name}.{policy.tld}") for d in domains.values() if d.hub)
+            if hub is not None
+            else (),
+        ),
+        uplink=uplink_state,
+        hub=hub_state,
     )

@@ -8,11 +8,17 @@ from dataclasses import dataclass, field
 
 from controller.core.desired import (
     ALL_SETS,
+    Address,
     DhcpConfig,
     DhcpHost,
     Element,
+    HubPeer,
+    HubState,
+    KillSwitch,
     MachineState,
+    PolicyState,
     Shape,
+    UplinkState,
 )
 
 SetKey = tuple[str, str]
@@ -24,9 +30,13 @@ class Flat:
 
     shape: Shape | None
     sets: Mapping[SetKey, frozenset[Element]]
-    addresses: frozenset[str]
+    addresses: frozenset[Address]
     dhcp: DhcpConfig | None
     hosts: Mapping[str, DhcpHost]  # by MAC
+    peers: Mapping[str, HubPeer] = field(default_factory=dict)  # by public key
+    killswitch: KillSwitch | None = None
+    uplink: UplinkState | None = None
+    hub: HubState | None = None
 
 
 EMPTY = Flat(None, {}, frozenset(), None, {})
@@ -37,12 +47,17 @@ class Plan:
     rebuild: bool = False  # the chains change: write dom0's tables whole
     add: Mapping[SetKey, frozenset[Element]] = field(default_factory=dict)
     delete: Mapping[SetKey, frozenset[Element]] = field(default_factory=dict)
-    addresses_add: frozenset[str] = frozenset()
-    addresses_del: frozenset[str] = frozenset()
+    addresses_add: frozenset[Address] = frozenset()
+    addresses_del: frozenset[Address] = frozenset()
     dhcp_config: DhcpConfig | None = None  # set when dnsmasq must (re)start
     hosts_put: Mapping[str, DhcpHost] = field(default_factory=dict)
     hosts_del: frozenset[str] = frozenset()
     hosts_changed: bool = False  # a reservation was removed or rewritten: dnsmasq must re-read
+    peers_put: Mapping[str, HubPeer] = field(default_factory=dict)
+    peers_del: frozenset[str] = frozenset()
+    killswitch: KillSwitch | None = None  # set when the kill switch table must be rewritten
+    uplink: UplinkState | None = None  # set when the uplink must be (re)configured
+    hub: HubState | None = None  # set when the hub must be (re)configured
 
     @property
     def empty(self) -> bool:
@@ -55,11 +70,30 @@ class Plan:
             or self.dhcp_config
             or self.hosts_put
             or self.hosts_del
+            or self.peers_put
+            or self.peers_del
+            or self.killswitch
+            or self.uplink
+            or self.hub
         )
 
     def lines(self) -> list[str]:
         """Human-readable, one change per line, stable order."""
         out: list[str] = []
+        if self.killswitch is not None:
+            k = self.killswitch
+            out.append(
+                f"killswitch: only UDP to {k.endpoint_host}:{k.endpoint_port} leaves {k.wan}"
+                + (f" (and {', '.join(k.allow)})" if k.allow else "")
+            )
+        if self.uplink is not None:
+            u = self.uplink
+            out.append(
+                f"uplink: {u.interface} to {u.endpoint} as {', '.join(u.addresses)}, "
+                f"all traffic through it (table {u.table})"
+            )
+        if self.hub is not None:
+            out.append(f"hub: {self.hub.interface} listening on {self.hub.endpoint}")
         if self.rebuild:
             out.append("nftables: rebuild dom0's tables (chains changed or absent)")
         for key in ALL_SETS:
@@ -67,10 +101,10 @@ class Plan:
                 out.append(f"nftables: delete {key[0]} dom0 {key[1]} {{ {' . '.join(e)} }}")
             for e in sorted(self.add.get(key, ())):
                 out.append(f"nftables: add {key[0]} dom0 {key[1]} {{ {' . '.join(e)} }}")
-        for a in sorted(self.addresses_del):
-            out.append(f"address: delete {a}")
-        for a in sorted(self.addresses_add):
-            out.append(f"address: add {a}")
+        for iface, a in sorted(self.addresses_del):
+            out.append(f"address: delete {a} from {iface}")
+        for iface, a in sorted(self.addresses_add):
+            out.append(f"address: add {a} to {iface}")
         if self.dhcp_config is not None:
             ranges = ", ".join(str(r.network) for r in self.dhcp_config.ranges)
             out.append(f"dhcp: (re)start dnsmasq on {self.dhcp_config.bridge} for {ranges}")
@@ -78,6 +112,10 @@ class Plan:
             out.append(f"dhcp: remove reservation {mac}")
         for mac, h in sorted(self.hosts_put.items()):
             out.append(f"dhcp: reserve {mac} -> {h.address} {h.hostname}.{h.tag}")
+        for key in sorted(self.peers_del):
+            out.append(f"hub: remove peer {key}")
+        for key, p in sorted(self.peers_put.items()):
+            out.append(f"hub: peer {key} allowed {', '.join(p.allowed_ips)}")
         return out
 
     def to_json(self) -> dict:
@@ -88,18 +126,23 @@ class Plan:
             "rebuild": self.rebuild,
             "add": sets(self.add),
             "delete": sets(self.delete),
-            "addresses_add": sorted(self.addresses_add),
-            "addresses_del": sorted(self.addresses_del),
+            "addresses_add": sorted(f"{a} {i}" for i, a in self.addresses_add),
+            "addresses_del": sorted(f"{a} {i}" for i, a in self.addresses_del),
             "dhcp_restart": self.dhcp_config is not None,
             "hosts_put": {
                 m: {"address": h.address, "hostname": h.hostname, "domain": h.tag}
                 for m, h in sorted(self.hosts_put.items())
             },
             "hosts_del": sorted(self.hosts_del),
+            "peers_put": {k: list(p.allowed_ips) for k, p in sorted(self.peers_put.items())},
+            "peers_del": sorted(self.peers_del),
+            "killswitch": self.killswitch is not None,
+            "uplink": self.uplink is not None,
+            "hub": self.hub is not None,
         }
 
 
-def _set_diff(
+def set_diff(
     desired: Mapping[SetKey, frozenset[Element]], applied: Mapping[SetKey, frozenset[Element]]
 ) -> tuple[dict[SetKey, frozenset[Element]], dict[SetKey, frozenset[Element]]]:
     add: dict[SetKey, frozenset[Element]] = {}
@@ -113,7 +156,7 @@ def _set_diff(
     return add, delete
 
 
-def _host_diff(
+def host_diff(
     desired: Mapping[str, DhcpHost], applied: Mapping[str, DhcpHost]
 ) -> tuple[dict[str, DhcpHost], frozenset[str], bool]:
     put = {m: h for m, h in desired.items() if applied.get(m) != h}
@@ -130,8 +173,9 @@ def plan(desired: Flat, applied: Flat) -> Plan:
         add = {k: v for k, v in desired.sets.items() if v}
         delete: dict[SetKey, frozenset[Element]] = {}
     else:
-        add, delete = _set_diff(desired.sets, applied.sets)
-    put, gone, changed = _host_diff(desired.hosts, applied.hosts)
+        add, delete = set_diff(desired.sets, applied.sets)
+    put, gone, changed = host_diff(desired.hosts, applied.hosts)
+    peers_put, peers_del = peer_diff(desired.peers, applied.peers)
     return Plan(
         rebuild=rebuild,
         add=add,
@@ -142,7 +186,19 @@ def plan(desired: Flat, applied: Flat) -> Plan:
         hosts_put=put,
         hosts_del=gone,
         hosts_changed=changed,
+        peers_put=peers_put,
+        peers_del=peers_del,
+        killswitch=desired.killswitch if desired.killswitch != applied.killswitch else None,
+        uplink=desired.uplink if desired.uplink != applied.uplink else None,
+        hub=desired.hub if desired.hub != applied.hub else None,
     )
+
+
+def peer_diff(
+    desired: Mapping[str, HubPeer], applied: Mapping[str, HubPeer]
+) -> tuple[dict[str, HubPeer], frozenset[str]]:
+    put = {k: p for k, p in desired.items() if applied.get(k) != p}
+    return put, frozenset(k for k in applied if k not in desired)
 
 
 def plan_machines(
@@ -155,18 +211,32 @@ def plan_machines(
     a_sets: dict[SetKey, set[Element]] = {}
     d_hosts: dict[str, DhcpHost] = {}
     a_hosts: dict[str, DhcpHost] = {}
+    d_peers: dict[str, HubPeer] = {}
+    a_peers: dict[str, HubPeer] = {}
     for mac in set(desired) | set(applied):
-        _collect(desired.get(mac), d_sets, d_hosts)
-        _collect(applied.get(mac), a_sets, a_hosts)
-    add, delete = _set_diff(
+        _collect(desired.get(mac), d_sets, d_hosts, d_peers)
+        _collect(applied.get(mac), a_sets, a_hosts, a_peers)
+    add, delete = set_diff(
         {k: frozenset(v) for k, v in d_sets.items()}, {k: frozenset(v) for k, v in a_sets.items()}
     )
-    put, gone, changed = _host_diff(d_hosts, a_hosts)
-    return Plan(add=add, delete=delete, hosts_put=put, hosts_del=gone, hosts_changed=changed)
+    put, gone, changed = host_diff(d_hosts, a_hosts)
+    peers_put, peers_del = peer_diff(d_peers, a_peers)
+    return Plan(
+        add=add,
+        delete=delete,
+        hosts_put=put,
+        hosts_del=gone,
+        hosts_changed=changed,
+        peers_put=peers_put,
+        peers_del=peers_del,
+    )
 
 
 def _collect(
-    m: MachineState | None, sets: dict[SetKey, set[Element]], hosts: dict[str, DhcpHost]
+    m: MachineState | None,
+    sets: dict[SetKey, set[Element]],
+    hosts: dict[str, DhcpHost],
+    peers: dict[str, HubPeer],
 ) -> None:
     if m is None:
         return
@@ -174,17 +244,24 @@ def _collect(
         sets.setdefault(key, set()).update(elems)
     if m.dhcp is not None:
         hosts[m.dhcp.mac] = m.dhcp
+    if m.peer is not None:
+        peers[m.peer.public_key] = m.peer
 
 
-def flatten(
-    shape: Shape,
-    policy_sets: Mapping[SetKey, frozenset[Element]],
-    addresses: frozenset[str],
-    dhcp: DhcpConfig,
-    machines: Iterable[MachineState],
-) -> Flat:
-    acc: dict[SetKey, set[Element]] = {k: set(v) for k, v in policy_sets.items()}
+def flatten(policy: PolicyState, machines: Iterable[MachineState]) -> Flat:
+    acc: dict[SetKey, set[Element]] = {k: set(v) for k, v in policy.sets.items()}
     hosts: dict[str, DhcpHost] = {}
+    peers: dict[str, HubPeer] = {}
     for m in machines:
-        _collect(m, acc, hosts)
-    return Flat(shape, {k: frozenset(v) for k, v in acc.items()}, addresses, dhcp, hosts)
+        _collect(m, acc, hosts, peers)
+    return Flat(
+        policy.shape,
+        {k: frozenset(v) for k, v in acc.items()},
+        policy.addresses,
+        policy.dhcp,
+        hosts,
+        peers,
+        policy.killswitch,
+        policy.uplink,
+        policy.hub,
+    )

@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from controller.core.desired import Address
 
 log = logging.getLogger(__name__)
 
 DOM0_PROTO = 0x64  # IFA_PROTO of the addresses dom0 owns ("d")
 _SYSCTLS = {
     "net/ipv4/ip_forward": "1",
+    # wg-quick's Table=auto: the tunnel's own packets are routed by their fwmark.
+    "net/ipv4/conf/all/src_valid_mark": "1",
     # With br_netfilter, bridged IPv4 also meets the inet tables' policy.
     "net/bridge/bridge-nf-call-iptables": "1",
     "net/bridge/bridge-nf-call-ip6tables": "1",
@@ -44,32 +49,42 @@ class Addresses:
         found = self.ipr.link_lookup(ifname=name)
         return found[0] if found else None
 
-    def owned(self, bridge: str) -> frozenset[str]:
-        """dom0's own addresses on the bridge, as 'a.b.c.d/len'."""
-        index = self.link_index(bridge)
-        if index is None:
-            return frozenset()
-        return frozenset(
-            f"{a.get('IFA_LOCAL') or a.get('IFA_ADDRESS')}/{a['prefixlen']}"
-            for a in self.ipr.get_addr(index=index, family=2)
-            if a.get("IFA_PROTO") == DOM0_PROTO
-        )
+    def owned(self, interfaces: Iterable[str]) -> frozenset[Address]:
+        """dom0's own addresses on these interfaces, as (interface, 'a.b.c.d/len')."""
+        out: set[Address] = set()
+        for name in interfaces:
+            index = self.link_index(name)
+            if index is None:
+                continue
+            for a in self.ipr.get_addr(index=index):
+                if a.get("IFA_PROTO") == DOM0_PROTO:
+                    out.add(
+                        (name, f"{a.get('IFA_LOCAL') or a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+                    )
+        return frozenset(out)
 
-    def apply(self, bridge: str, add: frozenset[str], delete: frozenset[str]) -> None:
-        index = self.link_index(bridge)
-        if index is None:
-            raise AddressError(f"bridge {bridge!r} does not exist")
-        for cidr in sorted(delete):
-            iface = ipaddress.IPv4Interface(cidr)
+    def apply(self, add: Iterable[Address], delete: Iterable[Address]) -> None:
+        """Remove, then add; an interface that does not exist (yet) is an error
+        for additions only: the next sync adds what is missing."""
+        for name, cidr in sorted(delete):
+            index = self.link_index(name)
+            if index is None:
+                continue
+            iface = ipaddress.ip_interface(cidr)
             try:
                 self.ipr.addr(
                     "del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
                 )
             except NetlinkError as e:
                 if e.code != 99:  # EADDRNOTAVAIL: already gone
-                    raise AddressError(f"cannot remove {cidr} from {bridge}: {e}") from e
-        for cidr in sorted(add):
-            iface = ipaddress.IPv4Interface(cidr)
+                    raise AddressError(f"cannot remove {cidr} from {name}: {e}") from e
+        missing = []
+        for name, cidr in sorted(add):
+            index = self.link_index(name)
+            if index is None:
+                missing.append(name)
+                continue
+            iface = ipaddress.ip_interface(cidr)
             try:
                 self.ipr.addr(
                     "add",
@@ -80,8 +95,10 @@ class Addresses:
                 )
             except NetlinkError as e:
                 if e.code != 17:  # EEXIST
-                    raise AddressError(f"cannot add {cidr} to {bridge}: {e}") from e
-        self.ipr.link("set", index=index, state="up")
+                    raise AddressError(f"cannot add {cidr} to {name}: {e}") from e
+            self.ipr.link("set", index=index, state="up")
+        if missing:
+            raise AddressError(f"interface(s) {', '.join(sorted(set(missing)))} do not exist (yet)")
 
 
 def enable_forwarding(proc_sys: Path = Path("/proc/sys")) -> None:

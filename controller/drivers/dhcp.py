@@ -56,11 +56,14 @@ def dnsmasq_argv(config: DhcpConfig, state_dir: Path, binary: str = "dnsmasq") -
             f"--dhcp-range=set:{r.tag},{r.network.network_address},static,"
             f"{r.network.netmask},{config.lease_seconds}"
         )
-        argv.append(f"--domain={r.domain_name},{r.network}")
+        if r.domain_name:
+            argv.append(f"--domain={r.domain_name},{r.network}")
         if r.router:
             argv.append(f"--dhcp-option=tag:{r.tag},option:router,{r.router}")
         else:
             argv.append(f"--dhcp-option=tag:{r.tag},option:router")
+    for tag, domain_name in config.tag_domains:
+        argv.append(f"--dhcp-option=tag:{tag},option:domain-name,{domain_name}")
     return argv
 
 

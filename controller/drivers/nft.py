@@ -41,12 +41,13 @@ from controller.core.desired import (
     REACH,
     SERVICE,
     Element,
+    KillSwitch,
     Shape,
 )
 from controller.core.plan import Plan
 
 TABLE = "dom0"
-RULESET_VERSION = 1
+RULESET_VERSION = 2
 FAMILIES = ("bridge", "inet")
 
 # set key -> (nft type, interval?)
@@ -102,14 +103,14 @@ UNICAST_DST = _match({"&": [_pl("ether", "daddr"), "01:00:00:00:00:00"]}, "00:00
 def shape_marker(shape: Shape) -> str:
     """The name of an empty chain recording which chains the tables hold."""
     digest = hashlib.sha256(
-        json.dumps([RULESET_VERSION, shape.bridge, shape.wan]).encode()
+        json.dumps([RULESET_VERSION, shape.to_json()], sort_keys=True).encode()
     ).hexdigest()
     return f"shape_{digest[:16]}"
 
 
 def _chains(shape: Shape) -> dict[str, tuple[dict | None, list[list[dict]]]]:
     """family -> chain name -> (base chain spec or None, rules)."""
-    bridge, wan = shape.bridge, shape.wan
+    bridge = shape.bridge
     b: dict[str, tuple[dict | None, list[list[dict]]]] = {}
     b["police_source"] = (
         None,
@@ -213,7 +214,10 @@ def _chains(shape: Shape) -> dict[str, tuple[dict | None, list[list[dict]]]]:
 
     i: dict[str, tuple[dict | None, list[list[dict]]]] = {}
     established = _match({"ct": {"key": "state"}}, {"set": ["established", "related"]})
-    from_bridge: list[list[dict]] = [
+    # Machines arrive on the bridge, and (hub domains) through the hub's tunnels.
+    machine_ifs: Any = bridge if shape.hub is None else {"set": [bridge, shape.hub]}
+    egress = shape.egress
+    from_machines: list[list[dict]] = [
         [established, ACCEPT],
         [
             _match(_meta("nfproto"), "ipv4"),
@@ -221,53 +225,185 @@ def _chains(shape: Shape) -> dict[str, tuple[dict | None, list[list[dict]]]]:
             ACCEPT,
         ],
     ]
-    if wan:
-        from_bridge.append(
-            [_match(_meta("oifname"), wan), _match(_pl("ip", "saddr"), "@egress"), ACCEPT]
+    if egress:
+        from_machines.append(
+            [_match(_meta("oifname"), egress), _match(_pl("ip", "saddr"), "@egress"), ACCEPT]
         )
-    from_bridge.append([_counter(), DROP])
-    i["from_bridge"] = (None, from_bridge)
-    i["to_bridge"] = (None, [[established, ACCEPT], [_counter(), DROP]])
+    from_machines.append([_counter(), DROP])
+    i["from_machines"] = (None, from_machines)
+    i["to_machines"] = (None, [[established, ACCEPT], [_counter(), DROP]])
     i["forward"] = (
         {"type": "filter", "hook": "forward", "prio": 0, "policy": "accept"},
         [
-            [_match(_meta("iifname"), bridge), _jump("from_bridge")],
-            [_match(_meta("oifname"), bridge), _jump("to_bridge")],
+            [_match(_meta("iifname"), machine_ifs), _jump("from_machines")],
+            [_match(_meta("oifname"), machine_ifs), _jump("to_machines")],
         ],
     )
-    i["bridge_to_host"] = (
-        None,
+    to_host: list[list[dict]] = [
+        [established, ACCEPT],
+        [_match(_pl("udp", "sport"), 68), _match(_pl("udp", "dport"), 67), ACCEPT],
+    ]
+    if shape.hub and shape.underlay and shape.hub_port:
+        # a hub machine's bridge address may only dial the hub
+        net, length = shape.underlay.split("/")
+        to_host.append(
+            [
+                _match(_meta("iifname"), bridge),
+                _match(_pl("ip", "saddr"), {"prefix": {"addr": net, "len": int(length)}}),
+                _match(_pl("udp", "dport"), shape.hub_port),
+                ACCEPT,
+            ]
+        )
+    to_host += [
         [
-            [established, ACCEPT],
-            [_match(_pl("udp", "sport"), 68), _match(_pl("udp", "dport"), 67), ACCEPT],
-            [
-                _match(_cat(_pl("ip", "saddr"), _meta("l4proto"), _pl("th", "dport")), "@services"),
-                ACCEPT,
-            ],
-            [
-                _match(_pl("icmp", "type"), "echo-request"),
-                _match(_pl("ip", "saddr"), "@icmp"),
-                ACCEPT,
-            ],
-            [_counter(), DROP],
+            _match(_cat(_pl("ip", "saddr"), _meta("l4proto"), _pl("th", "dport")), "@services"),
+            ACCEPT,
         ],
-    )
+        [
+            _match(_pl("icmp", "type"), "echo-request"),
+            _match(_pl("ip", "saddr"), "@icmp"),
+            ACCEPT,
+        ],
+        [_counter(), DROP],
+    ]
+    i["to_host"] = (None, to_host)
     i["input"] = (
         {"type": "filter", "hook": "input", "prio": 0, "policy": "accept"},
-        [[_match(_meta("iifname"), bridge), _jump("bridge_to_host")]],
+        [[_match(_meta("iifname"), machine_ifs), _jump("to_host")]],
     )
-    if wan:
+    if egress:
         i["postrouting"] = (
             {"type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"},
             [
                 [
-                    _match(_meta("oifname"), wan),
+                    _match(_meta("oifname"), egress),
                     _match(_pl("ip", "saddr"), "@egress"),
                     {"masquerade": None},
                 ]
             ],
         )
     return {"bridge": b, "inet": i}
+
+
+KILLSWITCH_TABLE = "dom0_wan"
+
+# What `wan.allow` lets through the kill switch, out and in.
+_WAN_ALLOW_OUT: dict[str, list[dict]] = {
+    "dhcp": [_match(_pl("udp", "sport"), 68), _match(_pl("udp", "dport"), 67)],
+    "dhcpv6": [_match(_pl("udp", "sport"), 546), _match(_pl("udp", "dport"), 547)],
+    "ndp": [
+        _match(
+            _pl("icmpv6", "type"),
+            {"set": ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]},
+        )
+    ],
+}
+_WAN_ALLOW_IN: dict[str, list[dict]] = {
+    "dhcp": [_match(_pl("udp", "sport"), 67), _match(_pl("udp", "dport"), 68)],
+    "dhcpv6": [_match(_pl("udp", "sport"), 547), _match(_pl("udp", "dport"), 546)],
+    "ndp": [
+        _match(
+            _pl("icmpv6", "type"),
+            {"set": ["nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert"]},
+        )
+    ],
+}
+
+
+def killswitch_marker(ks: KillSwitch) -> str:
+    digest = hashlib.sha256(
+        json.dumps([RULESET_VERSION, ks.to_json()], sort_keys=True).encode()
+    ).hexdigest()
+    return f"ks_{digest[:16]}"
+
+
+def killswitch_chains(ks: KillSwitch) -> dict[str, tuple[dict | None, list[list[dict]]]]:
+    """Only the tunnel's own UDP (marked with its fwmark) to the endpoint
+    leaves the WAN, plus what `wan.allow` names; only replies and the same
+    allowances come in; nothing is forwarded in from it. IPv6 included: what
+    is not allowed is dropped whatever the family."""
+    family = "ip6" if ":" in ks.endpoint_host else "ip"
+    out: list[list[dict]] = [
+        [
+            _match(_meta("mark"), ks.fwmark),
+            _match(_pl(family, "daddr"), ks.endpoint_host),
+            _match(_pl("udp", "dport"), ks.endpoint_port),
+            ACCEPT,
+        ]
+    ]
+    inbound: list[list[dict]] = [
+        [_match({"ct": {"key": "state"}}, {"set": ["established", "related"]}), ACCEPT]
+    ]
+    for name in ks.allow:
+        out.append([*_WAN_ALLOW_OUT[name], ACCEPT])
+        inbound.append([*_WAN_ALLOW_IN[name], ACCEPT])
+    out.append([_counter(), DROP])
+    inbound.append([_counter(), DROP])
+    return {
+        "wan_out": (None, out),
+        "wan_in": (None, inbound),
+        "leaving": (
+            # after NAT: what really leaves, whoever sent it (dom0 or forwarded)
+            {"type": "filter", "hook": "postrouting", "prio": 300, "policy": "accept"},
+            [[_match(_meta("oifname"), ks.wan), _jump("wan_out")]],
+        ),
+        "arriving": (
+            {"type": "filter", "hook": "input", "prio": -10, "policy": "accept"},
+            [[_match(_meta("iifname"), ks.wan), _jump("wan_in")]],
+        ),
+        "passing": (
+            {"type": "filter", "hook": "forward", "prio": -10, "policy": "accept"},
+            [
+                [
+                    _match(_meta("iifname"), ks.wan),
+                    _match({"ct": {"key": "state"}}, {"set": ["established", "related"]}, "!="),
+                    _counter(),
+                    DROP,
+                ]
+            ],
+        ),
+    }
+
+
+def killswitch_commands(ks: KillSwitch) -> list[dict]:
+    table = {"family": "inet", "name": KILLSWITCH_TABLE}
+    cmds: list[dict] = [
+        {"add": {"table": table}},
+        {"delete": {"table": table}},
+        {"add": {"table": table}},
+    ]
+    cmds.append(
+        {
+            "add": {
+                "chain": {
+                    "family": "inet",
+                    "table": KILLSWITCH_TABLE,
+                    "name": killswitch_marker(ks),
+                }
+            }
+        }
+    )
+    chains = killswitch_chains(ks)
+    for name, (base, _rules) in chains.items():
+        spec: dict[str, Any] = {"family": "inet", "table": KILLSWITCH_TABLE, "name": name}
+        if base:
+            spec.update(base)
+        cmds.append({"add": {"chain": spec}})
+    for name, (_base, rules) in chains.items():
+        for expr in rules:
+            cmds.append(
+                {
+                    "add": {
+                        "rule": {
+                            "family": "inet",
+                            "table": KILLSWITCH_TABLE,
+                            "chain": name,
+                            "expr": expr,
+                        }
+                    }
+                }
+            )
+    return cmds
 
 
 def elem_json(key: tuple[str, str], element: Element) -> Any:
@@ -430,6 +566,31 @@ class Nft:
         if set(sets) != set(SET_TYPES):
             ok = False
         return KernelState(ok, sets)
+
+    def killswitch_matches(self, ks: KillSwitch) -> bool:
+        """Whether the kernel holds exactly this kill switch."""
+        rc, out, _err = self.ctx.cmd(f"list table inet {KILLSWITCH_TABLE}")
+        if rc != 0:
+            return False
+        chains: set[str] = set()
+        rules: dict[str, int] = {}
+        for obj in json.loads(out)["nftables"]:
+            if "chain" in obj:
+                chains.add(obj["chain"]["name"])
+            elif "rule" in obj:
+                rules[obj["rule"]["chain"]] = rules.get(obj["rule"]["chain"], 0) + 1
+        want = killswitch_chains(ks)
+        return chains == {*want, killswitch_marker(ks)} and all(
+            rules.get(n, 0) == len(r) for n, (_b, r) in want.items()
+        )
+
+    def write_killswitch(self, ks: KillSwitch) -> None:
+        """Replace the kill switch table atomically (never a moment without it)."""
+        self._run(killswitch_commands(ks))
+
+    def delete_killswitch(self) -> None:
+        table = {"family": "inet", "name": KILLSWITCH_TABLE}
+        self._run([{"add": {"table": table}}, {"delete": {"table": table}}])
 
     def delete_tables(self) -> None:
         """Remove dom0's tables (tests and `lab down` only: the controller

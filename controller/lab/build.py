@@ -7,6 +7,7 @@ failure tears down what was built, so an error leaves nothing behind.
 from __future__ import annotations
 
 import time
+import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from controller.lab import (
     services,
     teardown,
     topology,
+    uplink,
 )
 from controller.lab.rundir import RUN_ROOT, Lab, LabError, check_name
 
@@ -55,12 +57,15 @@ def create(
     teardown_on_error: bool = True,
     run_root: Path = RUN_ROOT,
     progress: Progress = _quiet,
+    with_uplink: bool = True,
 ) -> Lab:
     """Build lab name with VMs 1..vms and return its handle.
 
     controller=False builds the topology and services only (the VMs' DHCP
     clients then start only with dhcp=True and keep asking). policy defaults to
-    policies/lab.toml; it is copied to RUNDIR/policy.toml.
+    policies/lab.toml; it is copied to RUNDIR/policy.toml, with the lab's
+    [uplink] appended unless with_uplink is False or it has its own. VMs of hub
+    domains then join the hub with their `dom0 wg export` configuration.
     """
     problem = check_name(name) or (f"--vms: {p}" if (p := check_vms(vms)) else None)
     if problem:
@@ -77,7 +82,9 @@ def create(
     except FileExistsError:
         raise LabExists(f"lab {name} already exists (dom0 lab down --name {name})") from None
     try:
-        _build(lab, vms, policy, controller, dhcp, wait_leases, lease_timeout, progress)
+        _build(
+            lab, vms, policy, controller, dhcp, wait_leases, lease_timeout, progress, with_uplink
+        )
     except BaseException:
         if teardown_on_error:
             with teardown.shielded():
@@ -95,6 +102,7 @@ def _build(
     wait_leases: bool,
     lease_timeout: float,
     progress: Progress,
+    with_uplink: bool = True,
 ) -> None:
     started = time.monotonic()
     for d in (lab.logs_dir, lab.state_dir, lab.leases_dir):
@@ -112,11 +120,19 @@ def _build(
         data["namespaces"] = namespaces
         data["vms"] = {str(i): _vm_entry(lab, i, topology.vm_mac(i)) for i in indexes}
     dhcpclient.write_script(lab)
+    has_uplink = False
     if policy is not None or with_controller:
-        controllerproc.install_policy(lab, policy or DEFAULT_POLICY)
+        path = controllerproc.install_policy(lab, policy or DEFAULT_POLICY)
+        text = path.read_text()
+        has_uplink = "uplink" in tomllib.loads(text)
+        if with_uplink and not has_uplink:
+            controllerproc.write_policy(lab, text + uplink.prepare(lab))
+            has_uplink = True
 
     netns.create(namespaces)
     topology.wire_core(lab)
+    if has_uplink and with_uplink:
+        uplink.start_server(lab)
     topology.wire_vms(lab, ((i, topology.vm_mac(i)) for i in indexes))
     services.start_echos(
         lab, [services.wan_echo(lab), *(services.vm_echo(lab, i) for i in indexes)]
@@ -145,6 +161,21 @@ def _build(
             check=lambda: controllerproc.check_running(lab),
         )
         progress(f"all {vms} VMs have leases ({time.monotonic() - started:.1f} s)")
+        joined = join_hub(lab, indexes)
+        if joined:
+            progress(f"{len(joined)} VMs joined the hub ({time.monotonic() - started:.1f} s)")
+
+
+def join_hub(lab: Lab, indexes: Iterable[int]) -> list[int]:
+    """VMs of hub domains apply their exported tunnel configuration."""
+    hub = uplink.hub_machines(controllerproc.status(lab))
+    joined = []
+    for i in indexes:
+        mac = lab.vm(i)["mac"]
+        if mac in hub:
+            uplink.join_hub(lab, i, mac)
+            joined.append(i)
+    return joined
 
 
 def _vm_entry(lab: Lab, index: int, mac: str) -> dict[str, str]:

@@ -261,7 +261,7 @@ def _demo(args: argparse.Namespace) -> int:
         _err(prog, "interrupted; the lab was torn down")
         return EXIT_INTERRUPTED
     if args.json:
-        print(json.dumps(demo.to_json(rows, name, demo.topology.DOM0_WAN), indent=2))
+        print(json.dumps(demo.to_json(rows, name, demo.topology.VPN_WAN), indent=2))
     else:
         print(demo.render(rows))
     return EXIT_OK if all(r.ok for r in rows) else EXIT_FAIL

@@ -6,10 +6,13 @@ from a live lab.
 
 Expectations, from the lab policy's promises:
 - every VM is listed by the controller; an admitted VM's lease address is the
-  address the controller reports;
+  address the controller reports for it on the bridge (its domain address,
+  or for a VM of a hub domain its hub address: its domain address then lives
+  inside its tunnel);
 - an admitted VM reaches the internet echo and is seen as `expected_echo`
-  (198.51.100.2 while egress is masqueraded out of dom0's WAN, 198.51.100.3
-  once it goes through the VPN tunnel); a quarantined VM reaches nothing;
+  (198.51.100.3 when all egress leaves through dom0's uplink to the VPN
+  provider, the lab's default; 198.51.100.2 for a lab without the uplink,
+  masqueraded out of dom0's WAN); a quarantined VM reaches nothing;
 - a VM reaches another VM's echo exactly when both are admitted in the same
   domain.
 """
@@ -136,8 +139,9 @@ def evaluate(
         if m is None:
             problems.append("not listed by the controller")
         elif _admitted(m):
-            if m.get("address") and o.lease_address and _bare(o.lease_address) != m["address"]:
-                problems.append(f"lease {o.lease_address} but controller says {m['address']}")
+            on_bridge = m.get("underlay") or m.get("address")
+            if on_bridge and o.lease_address and _bare(o.lease_address) != on_bridge:
+                problems.append(f"lease {o.lease_address} but controller says {on_bridge}")
         elif m.get("state") != "quarantined":
             problems.append(f"unknown state {m.get('state')!r}")
 
@@ -173,7 +177,7 @@ def evaluate(
                 rule=(m or {}).get("rule"),
                 domain=(m or {}).get("domain"),
                 name=(m or {}).get("name"),
-                address=o.lease_address,
+                address=(m or {}).get("address") or _bare(o.lease_address),
                 state=(m or {}).get("state"),
                 echo=echo_text,
                 echo_ok=echo_ok,
@@ -263,7 +267,7 @@ def observe(
     jobs: list[tuple[int, list[int], list[str]]] = []
     for i in sorted(vms):
         peers = [p for p in select_peers(i, machines) if p in leases]
-        urls = [vm.echo_url()] + [vm.echo_url(leases[p].ip) for p in peers]
+        urls = [vm.echo_url()] + [vm.echo_url(_address(machines[p], leases[p])) for p in peers]
         jobs.append((i, peers, urls))
     results: dict[int, list[ProbeResult]] = {}
     for start in range(0, len(jobs), PROBE_BATCH):
@@ -287,12 +291,17 @@ def observe(
     return observations
 
 
+def _address(machine: Machine | None, lease: dhcpclient.Lease) -> str:
+    """Where to reach a VM: its domain address (inside its tunnel for hub VMs)."""
+    return str((machine or {}).get("address") or lease.ip)
+
+
 def run(
     vms: int = build.DEFAULT_VMS,
     *,
     policy: str | None = None,
     name: str | None = None,
-    expected_echo: str = topology.DOM0_WAN,
+    expected_echo: str = topology.VPN_WAN,
     lease_timeout: float = 30.0,
     progress: Callable[[str], None] = lambda _: None,
 ) -> tuple[str, list[Row]]:
@@ -325,6 +334,9 @@ def run(
             except LabError as exc2:
                 progress(str(exc2))
                 machines = {}
+        joined = build.join_hub(lab, sorted(leases))
+        if joined:
+            progress(f"{len(joined)} VMs joined the hub with `dom0 wg export`")
         progress("probing the echo service and the other VMs")
         rows = evaluate(observe(lab, leases, machines), expected_echo)
         return name, rows

@@ -12,10 +12,16 @@ from controller.policy.model import Policy
 
 def summary(policy: Policy) -> str:
     quarantine = str(policy.quarantine.pool) if policy.quarantine.pool else "no lease"
+    extra = ""
+    if policy.uplink is not None:
+        extra += f", uplink {policy.uplink.interface} to {policy.uplink.endpoint}"
+    if policy.hub is not None:
+        hubbed = [d.name for d in policy.domains.values() if d.hub]
+        extra += f", hub {policy.hub.interface} for {', '.join(hubbed) or 'no domain'}"
     return (
         f"{policy.source}: ok: bridge {policy.bridge}, "
         f"{len(policy.domains)} domain(s) ({', '.join(policy.domains)}), "
-        f"{len(policy.rules)} rule(s), tld {policy.tld}, quarantine {quarantine}"
+        f"{len(policy.rules)} rule(s), tld {policy.tld}, quarantine {quarantine}{extra}"
     )
 
 

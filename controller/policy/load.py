@@ -7,6 +7,8 @@ them at once; nothing is half-accepted: a file with any problem yields none.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import fnmatch
 import ipaddress
@@ -21,11 +23,14 @@ from controller.policy import macs
 from controller.policy.model import (
     QUARANTINE,
     SERVICES,
+    WAN_ALLOW,
     Domain,
+    Hub,
     Match,
     Policy,
     Quarantine,
     Rule,
+    Uplink,
 )
 from controller.policy.names import TemplateError, can_collide, is_label, parse_template
 
@@ -212,7 +217,9 @@ class _Validator:
     # -- sections --------------------------------------------------------------
     def policy(self, raw: dict) -> Policy | None:
         self.keys(
-            raw, "policy", ["site", "bridge", "wan", "dhcp", "domains", "rules", "quarantine"]
+            raw,
+            "policy",
+            ["site", "bridge", "wan", "uplink", "hub", "dhcp", "domains", "rules", "quarantine"],
         )
         site = self.table(raw, "site", "site", ["tld", "release_after"])
         tld = self.string(site, "tld", "site", "internal") or "internal"
@@ -230,17 +237,25 @@ class _Validator:
             for i, p in enumerate(self.strings(bridge_t, "trusted_ports", "bridge"))
             if self.ifname(p, f"bridge.trusted_ports[{i + 1}]")
         )
-        wan_t = self.table(raw, "wan", "wan", ["interface"])
+        wan_t = self.table(raw, "wan", "wan", ["interface", "allow"])
         wan = self.ifname(self.string(wan_t, "interface", "wan"), "wan.interface")
         if wan is not None and wan == bridge:
             self.bad("wan.interface", f"{wan!r} is the managed bridge, expected the host's uplink")
+        wan_allow = self.strings(wan_t, "allow", "wan")
+        for i, a in enumerate(wan_allow):
+            if a not in WAN_ALLOW:
+                self.bad(
+                    f"wan.allow[{i + 1}]", f"unknown {a!r}, expected one of: {', '.join(WAN_ALLOW)}"
+                )
+        uplink = self.uplink(raw, wan, bridge)
+        hub = self.hub(raw, bridge, uplink)
 
         dhcp_t = self.table(raw, "dhcp", "dhcp", ["lease_time"])
         lease = self.duration(dhcp_t, "lease_time", "dhcp", "1h", 120)
 
-        domains = self.domains(raw, wan)
+        domains = self.domains(raw, wan, hub is not None or "hub" in raw)
         quarantine = self.quarantine(raw)
-        self.overlaps(domains, quarantine)
+        self.overlaps(domains, quarantine, hub)
         rules = self.rules(raw, domains, bridge)
         if self.problems:
             return None
@@ -250,6 +265,9 @@ class _Validator:
             bridge=bridge,
             trusted_ports=trusted,
             wan=wan,
+            wan_allow=tuple(dict.fromkeys(wan_allow)),
+            uplink=uplink,
+            hub=hub,
             lease_seconds=lease,
             release_after=release_after,
             domains=domains,
@@ -257,14 +275,119 @@ class _Validator:
             quarantine=quarantine,
         )
 
-    def domains(self, raw: dict, wan: str | None) -> dict[str, Domain]:
+    def uplink(self, raw: dict, wan: str | None, bridge: str) -> Uplink | None:
+        if "uplink" not in raw:
+            return None
+        keys = ["interface", "endpoint", "public_key", "private_key_file", "addresses", "table",
+                "mtu", "persistent_keepalive"]  # fmt: skip
+        u = self.table(raw, "uplink", "uplink", keys)
+        if not isinstance(raw["uplink"], dict):
+            return None
+        ok = len(self.problems)
+        iface = (
+            self.ifname(self.string(u, "interface", "uplink", "wg0"), "uplink.interface") or "wg0"
+        )
+        if iface in (wan, bridge):
+            self.bad(
+                "uplink.interface",
+                f"{iface!r} is already the WAN or the bridge, expected its own name",
+            )
+        if wan is None:
+            self.bad(
+                "uplink",
+                "needs wan.interface: the interface whose traffic the kill switch limits to the tunnel",
+            )
+        endpoint = self.string(u, "endpoint", "uplink")
+        host, port = None, 0
+        if endpoint is None:
+            self.bad("uplink.endpoint", 'missing, expected the VPN server as "ADDRESS:PORT"')
+        else:
+            host, port = _endpoint(endpoint)
+            if host is None:
+                self.bad(
+                    "uplink.endpoint",
+                    f'{endpoint!r} is not ADDRESS:PORT, expected e.g. "198.51.100.3:51820" '
+                    "(an IP address: resolving a name would need DNS outside the tunnel)",
+                )
+        key = self.string(u, "public_key", "uplink")
+        if key is None or not _is_wg_key(key):
+            self.bad(
+                "uplink.public_key",
+                "missing or not a WireGuard key, expected 44 characters of base64 (as `wg pubkey` prints)",
+            )
+        key_file = self.string(u, "private_key_file", "uplink", "keys/uplink.key") or ""
+        addresses = self.strings(u, "addresses", "uplink")
+        if not addresses:
+            self.bad(
+                "uplink.addresses",
+                'missing, expected dom0\'s tunnel addresses like ["10.200.0.2/32"]',
+            )
+        for i, a in enumerate(addresses):
+            try:
+                ipaddress.ip_interface(a)
+            except ValueError:
+                self.bad(
+                    f"uplink.addresses[{i + 1}]",
+                    f'{a!r} is not an address with prefix, expected e.g. "10.200.0.2/32"',
+                )
+        table = self.integer(u, "table", "uplink", 51820, 1, 0xFFFFFFFF)
+        if table in (253, 254, 255):
+            self.bad(
+                "uplink.table",
+                f"{table} is a kernel table (default, main or local), expected e.g. 51820",
+            )
+        mtu = self.integer(u, "mtu", "uplink", 1420, 1280, 9000)
+        keepalive = self.integer(u, "persistent_keepalive", "uplink", 25, 0, 65535)
+        if len(self.problems) != ok or host is None or key is None:
+            return None
+        return Uplink(iface, host, port, key, key_file, tuple(addresses), table, mtu, keepalive)
+
+    def hub(self, raw: dict, bridge: str, uplink: Uplink | None) -> Hub | None:
+        if "hub" not in raw:
+            return None
+        h = self.table(
+            raw,
+            "hub",
+            "hub",
+            ["interface", "listen_port", "pool", "gateway", "private_key_file", "mtu"],
+        )
+        if not isinstance(raw["hub"], dict):
+            return None
+        ok = len(self.problems)
+        iface = self.ifname(self.string(h, "interface", "hub", "hub0"), "hub.interface") or "hub0"
+        if iface == bridge or (uplink and iface == uplink.interface):
+            self.bad("hub.interface", f"{iface!r} is already in use, expected its own name")
+        port = self.integer(h, "listen_port", "hub", 51821, 1, 65535)
+        if "pool" not in h:
+            self.bad(
+                "hub.pool",
+                'missing, expected an IPv4 CIDR for the machines\' bridge addresses, like "10.250.0.0/16"',
+            )
+            pool = None
+        else:
+            pool = self.network(h["pool"], "hub.pool")
+        gateway = self.gateway(h, "hub", pool)
+        key_file = self.string(h, "private_key_file", "hub", "keys/hub.key") or ""
+        mtu = self.integer(h, "mtu", "hub", 1420, 1280, 9000)
+        if len(self.problems) != ok or pool is None or gateway is None:
+            return None
+        return Hub(iface, port, pool, gateway, key_file, mtu)
+
+    def integer(self, raw: dict, key: str, path: str, default: int, lo: int, hi: int) -> int:
+        value = raw.get(key, default)
+        if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi:
+            return value
+        self.bad(f"{path}.{key}", f"{value!r}, expected an integer from {lo} to {hi}")
+        return default
+
+    def domains(self, raw: dict, wan: str | None, hub: bool) -> dict[str, Domain]:
         section = raw.get("domains", {})
         if not isinstance(section, dict):
             self.bad("domains", f"is a {_kind(section)}, expected tables [domains.NAME]")
             return {}
         if not section:
             self.bad("domains", "none defined, expected at least one [domains.NAME] with a pool")
-        allowed = ["pool", "gateway", "reach", "members_reach", "internet", "services"]
+        allowed = ["pool", "gateway", "reach", "members_reach", "internet", "services", "hub"]
         out: dict[str, Domain] = {}
         for name, body in section.items():
             path = f"domains.{name}"
@@ -297,6 +420,12 @@ class _Validator:
                         f"unknown service {s!r}, expected one of: {', '.join(SERVICES)}",
                     )
             reach = self.strings(body, "reach", path)
+            in_hub = self.boolean(body, "hub", path, False)
+            if in_hub and not hub:
+                self.bad(
+                    f"{path}.hub",
+                    "is true but there is no [hub] section, expected one (interface, pool)",
+                )
             if pool is not None and gateway is not None:
                 out[name] = Domain(
                     name=name,
@@ -306,6 +435,7 @@ class _Validator:
                     members_reach=self.boolean(body, "members_reach", path, True),
                     internet=internet,
                     services=tuple(dict.fromkeys(services)),
+                    hub=in_hub,
                 )
         for name, body in section.items():
             if not isinstance(body, dict):
@@ -338,10 +468,12 @@ class _Validator:
             template = parse_template("q{n}", size)
         return Quarantine(pool=pool, gateway=gateway, template=template)
 
-    def overlaps(self, domains: dict[str, Domain], quarantine: Quarantine) -> None:
+    def overlaps(self, domains: dict[str, Domain], quarantine: Quarantine, hub: Hub | None) -> None:
         pools = [(f"domains.{d.name}.pool", d.pool) for d in domains.values()]
         if quarantine.pool is not None:
             pools.append(("quarantine.pool", quarantine.pool))
+        if hub is not None:
+            pools.append(("hub.pool", hub.pool))
         for i, (path_a, a) in enumerate(pools):
             for path_b, b in pools[i + 1 :]:
                 if a.overlaps(b):
@@ -527,6 +659,24 @@ class _Validator:
                         f"({a.template.text!r}), e.g. {name!r} in domain {a.domain!r}; "
                         "expected distinct names",
                     )
+
+
+def _endpoint(text: str) -> tuple[str | None, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None, 0
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return str(ipaddress.ip_address(host)), int(port)
+    except ValueError:
+        return None, 0
+
+
+def _is_wg_key(text: str) -> bool:
+    try:
+        return len(text) == 44 and len(base64.b64decode(text, validate=True)) == 32
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _capacity(pool: ipaddress.IPv4Network) -> int:

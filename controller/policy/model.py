@@ -68,6 +68,43 @@ class Domain:
     members_reach: bool  # members of this domain reach each other
     internet: bool
     services: tuple[str, ...]
+    hub: bool = False  # members talk only through their WireGuard tunnel to the hub
+
+
+# What may leave (and enter) the WAN besides the uplink's tunnel, on request.
+WAN_ALLOW = ("dhcp", "dhcpv6", "ndp")
+
+
+@dataclass(frozen=True, slots=True)
+class Uplink:
+    """dom0's WireGuard tunnel to the upstream VPN: all egress leaves through it."""
+
+    interface: str
+    endpoint_host: str  # an IP address (v4 or v6)
+    endpoint_port: int
+    public_key: str  # the server's, base64
+    private_key_file: str  # relative paths are inside the state directory
+    addresses: tuple[str, ...]  # dom0's tunnel addresses, CIDR
+    table: int  # routing table and fwmark (as wg-quick's Table=auto)
+    mtu: int
+    persistent_keepalive: int
+
+    @property
+    def endpoint(self) -> str:
+        host = f"[{self.endpoint_host}]" if ":" in self.endpoint_host else self.endpoint_host
+        return f"{host}:{self.endpoint_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Hub:
+    """dom0's WireGuard interface for the machines of `hub = true` domains."""
+
+    interface: str
+    listen_port: int
+    pool: IPv4Network  # bridge (underlay) addresses of hub machines: DHCP, tunnel UDP only
+    gateway: IPv4Address  # dom0's address in that pool: the tunnels' endpoint
+    private_key_file: str
+    mtu: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +121,9 @@ class Policy:
     bridge: str
     trusted_ports: tuple[str, ...]  # bridge ports that are not machines (never policed)
     wan: str | None
+    wan_allow: tuple[str, ...]
+    uplink: Uplink | None
+    hub: Hub | None
     lease_seconds: int
     release_after: int  # seconds a machine may be absent before its slot is reused
     domains: Mapping[str, Domain]

@@ -1,6 +1,10 @@
 """The controller in the lab: real namespaces, nftables, dnsmasq and DHCP
 clients. Every test builds its own lab (unique names) and tears it down,
-also on failure (the make_lab fixture checks that nothing is left)."""
+also on failure (the make_lab fixture checks that nothing is left).
+
+These tests run the domains on the bridge itself (policies/lab-bridge.toml),
+with the lab's uplink: egress leaves through dom0's WireGuard tunnel to the
+lab's VPN provider. tests/lab/test_wireguard_lab.py covers hub domains."""
 
 from __future__ import annotations
 
@@ -22,8 +26,19 @@ from controller.lab.rundir import Lab
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
-LAB_POLICY = (ROOT / "policies" / "lab.toml").read_text()
-ECHO_SEEN_AS = "198.51.100.2"  # masqueraded out of dom0's WAN (no WireGuard yet)
+BRIDGE_POLICY = ROOT / "policies" / "lab-bridge.toml"
+ECHO_SEEN_AS = "198.51.100.3"  # through dom0's uplink, masqueraded by the VPN provider
+
+
+@pytest.fixture
+def make_lab(make_lab: Any) -> Any:
+    """The lab with its domains on the bridge (the shared fixture's defaults otherwise)."""
+
+    def factory(vms: int = 2, **kwargs: Any) -> Any:
+        kwargs.setdefault("policy", BRIDGE_POLICY)
+        return make_lab(vms, **kwargs)
+
+    return factory
 
 
 def leases(lab: Lab) -> dict[int, dhcpclient.Lease]:
@@ -171,13 +186,14 @@ def test_policy_change_moves_a_vm_and_the_firewall_follows(make_lab: Any) -> Non
     mac1 = vm.mac(lab, 1)
     assert reachable(lab, 1, ip[3]) and not reachable(lab, 1, ip[2])
     # a new first rule puts vm1 (and only vm1) into domain y
-    moved = LAB_POLICY.replace(
+    current = lab.policy_path.read_text()
+    moved = current.replace(
         '[[rules]]\nname = "odd"',
         '[[rules]]\nname = "special"\ndomain = "y"\nsubdomain = "special{n}"\n'
         f'match.mac = "{mac1}"\n\n[[rules]]\nname = "odd"',
         1,
     )
-    assert moved != LAB_POLICY
+    assert moved != current
     controllerproc.write_policy(lab, moved)  # the controller notices the file change
     m = wait_until(
         lambda: (x := by_mac(lab)[mac1])["domain"] == "y" and x, what="vm1 moved to y"
@@ -206,7 +222,9 @@ def test_invalid_policy_on_reload_changes_nothing(make_lab: Any) -> None:
     lab = make_lab(2, controller=True)
     ip = {i: lease.ip for i, lease in leases(lab).items()}
     before_rules, before_machines = ruleset(lab), by_mac(lab)
-    broken = LAB_POLICY.replace('pool = "10.20.0.0/24"', 'pool = "10.10.0.128/25"')
+    broken = lab.policy_path.read_text().replace(
+        'pool = "10.20.0.0/24"', 'pool = "10.10.0.128/25"'
+    )
     controllerproc.write_policy(lab, broken)
     proc = controllerproc.pid(lab)
     assert proc is not None
@@ -279,7 +297,9 @@ def test_plan_shows_what_would_change_and_changes_nothing(make_lab: Any) -> None
     same = plan(lab.policy_path)
     assert same["empty"], same
     changed = lab.root / "changed.toml"
-    changed.write_text(LAB_POLICY.replace("internet = true", "internet = true\nreach = [\"y\"]", 1))
+    changed.write_text(
+        lab.policy_path.read_text().replace("internet = true", 'internet = true\nreach = ["y"]', 1)
+    )
     p = plan(changed)
     assert not p["empty"]
     assert p["changes"]["add"]["inet/reach"] == [["10.10.0.0/24", "10.20.0.0/24"]]

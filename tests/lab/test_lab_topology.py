@@ -7,6 +7,7 @@ where a test exercises the controller's process management.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -458,7 +459,9 @@ while True:
 
 def test_controller_start_kill_restart_stop(make_lab: Callable[..., Lab]) -> None:
     lab = make_lab(1, policy=build.DEFAULT_POLICY)
-    assert lab.policy_path.read_text() == build.DEFAULT_POLICY.read_text()
+    # the lab's policy is the source plus the lab's [uplink] (keys it made)
+    assert lab.policy_path.read_text().startswith(build.DEFAULT_POLICY.read_text())
+    assert "\n[uplink]\n" in lab.policy_path.read_text()
     assert lab.read()["policy"]["source"] == str(build.DEFAULT_POLICY)
     argv = [sys.executable, "-c", FAKE_CONTROLLER, str(lab.state_dir)]
 
@@ -550,11 +553,26 @@ def test_demo_all_expectations_hold() -> None:
         "52:54:00:d0:00:01",
         "odd",
         "web1.x.internal",
-        "10.10.0.1/24",
+        "10.10.0.1",
         "198.51.100.2",
     )
     assert cells[1][7] == "PASS"
     assert render(rows).endswith("4/4 VMs as expected: PASS")
+
+
+def test_demo_hub_vms_lease_their_hub_address() -> None:
+    """A VM of a hub domain leases its bridge (hub) address; its domain
+    address lives in its tunnel, and that is what the table shows."""
+    obs = []
+    for i in range(1, 3):
+        o = observation(i, 2, echo=ok("198.51.100.3\n"))
+        m = {**o.machine, "underlay": f"10.250.0.{i}"}  # type: ignore[dict-item]
+        obs.append(dataclasses.replace(o, machine=m, lease_address=f"10.250.0.{i}/16"))
+    rows = evaluate(obs, "198.51.100.3")
+    assert all(r.ok for r in rows), [r.problems for r in rows]
+    assert rows[0].address == "10.10.0.1"
+    wrong = dataclasses.replace(obs[0], lease_address="10.10.0.1/24")
+    assert not evaluate([wrong, obs[1]], "198.51.100.3")[0].ok
 
 
 def test_demo_flags_leaks_and_broken_isolation() -> None:

@@ -27,13 +27,7 @@ machine_sets = st.lists(alloc, max_size=8, unique_by=lambda a: a.mac)
 
 
 def flat_of(allocs: list[Allocation]) -> Flat:
-    return flatten(
-        PSTATE.shape,
-        PSTATE.sets,
-        PSTATE.addresses,
-        PSTATE.dhcp,
-        [machine_state(POLICY, a) for a in allocs],
-    )
+    return flatten(PSTATE, [machine_state(POLICY, a) for a in allocs])
 
 
 def apply(applied: Flat, p) -> Flat:
@@ -90,7 +84,7 @@ def test_first_plan_is_a_rebuild_and_reads_well() -> None:
     assert p.rebuild
     lines = p.lines()
     assert "nftables: add bridge dom0 binding { vnet1 . 52:54:00:00:00:01 . 10.10.0.9 }" in lines
-    assert "address: add 10.10.0.1/24" in lines
+    assert "address: add 10.10.0.1/24 to virbr0" in lines
     assert "dhcp: reserve 52:54:00:00:00:01 -> 10.10.0.9 web1.x" in lines
     assert p.to_json()["add"]["bridge/port_mac"] == [["vnet1", "52:54:00:00:00:01"]]
 
@@ -102,3 +96,27 @@ def test_machine_without_address_has_no_binding_or_reservation() -> None:
     assert m.elements[PORT_MAC] == {("vnet3", "00:16:3e:00:00:01")}
     assert not m.elements[BINDING]
     assert m.dhcp is None
+
+
+def test_hub_machine_state_binds_its_hub_address_and_gets_a_peer() -> None:
+    from controller.policy.load import load_policy
+    from tests.unit.test_policy import ROOT
+
+    policy = load_policy(ROOT / "policies" / "lab.toml")
+    a = Allocation("52:54:00:d0:00:01", "odd", 1, "x", "10.10.0.9", "vnet1", None, "10.250.3.4")
+    key = "Q6bUtz4Uwvgimwqwj4cH6z6J5Jlsr/dEKBtUJoOZSTA="
+    m = machine_state(policy, a, key)
+    assert m.elements[BINDING] == {("vnet1", "52:54:00:d0:00:01", "10.250.3.4")}
+    assert m.dhcp is not None and (m.dhcp.address, m.dhcp.tag) == ("10.250.3.4", "hub-x")
+    assert m.peer is not None and m.peer.allowed_ips == ("10.10.0.9/32",)
+    ps = policy_state(policy, [])
+    assert ("hub0", "10.10.0.1/24") in ps.addresses and ("virbr0", "10.250.0.1/16") in ps.addresses
+    assert ("virbr0", "10.10.0.1/24") not in ps.addresses
+    # hub domains talk directly on the bridge to nobody, but reach each other via the hub
+    from controller.core.desired import PEERS, REACH
+
+    assert ps.sets[PEERS] == frozenset()
+    assert ("10.10.0.0/24", "10.10.0.0/24") in ps.sets[REACH]
+    assert ("hub-x", "x.internal") in ps.dhcp.tag_domains
+    p = plan(flatten(ps, [m]), EMPTY)
+    assert f"hub: peer {key} allowed 10.10.0.9/32" in p.lines()

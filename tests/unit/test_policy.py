@@ -333,3 +333,99 @@ def test_cli_usage_error_is_one_line_exit_2() -> None:
     )
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+UPLINK = """
+[uplink]
+endpoint = "198.51.100.3:51820"
+public_key = "Q6bUtz4Uwvgimwqwj4cH6z6J5Jlsr/dEKBtUJoOZSTA="
+addresses = ["10.200.0.2/32"]
+"""
+HUB = '\n[hub]\npool = "10.250.0.0/16"\n'
+
+
+def test_uplink_and_hub_load_with_defaults() -> None:
+    text = BASE.replace("internet = true", "internet = true\nhub = true") + UPLINK + HUB
+    p = parse_policy(text.encode(), "p.toml")
+    assert p.uplink is not None and p.hub is not None
+    assert (p.uplink.interface, p.uplink.table, p.uplink.endpoint) == (
+        "wg0",
+        51820,
+        "198.51.100.3:51820",
+    )
+    assert p.uplink.private_key_file == "keys/uplink.key"
+    assert (p.hub.interface, p.hub.listen_port, str(p.hub.gateway)) == ("hub0", 51821, "10.250.0.1")
+    assert p.domains["x"].hub and not p.domains["y"].hub
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            ('endpoint = "198.51.100.3:51820"', 'endpoint = "vpn.example.net:51820"'),
+            "p.toml: uplink.endpoint: 'vpn.example.net:51820' is not ADDRESS:PORT",
+        ),
+        (
+            ('endpoint = "198.51.100.3:51820"', 'endpoint = "198.51.100.3"'),
+            "p.toml: uplink.endpoint:",
+        ),
+        (
+            ('public_key = "Q6bUtz4Uwvgimwqwj4cH6z6J5Jlsr/dEKBtUJoOZSTA="', 'public_key = "short"'),
+            "p.toml: uplink.public_key: missing or not a WireGuard key",
+        ),
+        (
+            ('addresses = ["10.200.0.2/32"]', 'addresses = ["10.200.0.2/40"]'),
+            "p.toml: uplink.addresses[1]:",
+        ),
+        (
+            ('addresses = ["10.200.0.2/32"]', 'addresses = ["10.200.0.2/32"]\ntable = 254'),
+            "p.toml: uplink.table: 254 is a kernel table",
+        ),
+        (
+            ('addresses = ["10.200.0.2/32"]', 'addresses = ["10.200.0.2/32"]\nmtu = 100'),
+            "p.toml: uplink.mtu: 100, expected an integer from 1280 to 9000",
+        ),
+        (
+            ('addresses = ["10.200.0.2/32"]', 'addresses = ["10.200.0.2/32"]\nlisten = 1'),
+            "p.toml: uplink.listen: unknown key",
+        ),
+    ],
+)
+def test_bad_uplinks(change: tuple[str, str], expected: str) -> None:
+    out = problems(BASE + UPLINK.replace(*change))
+    assert any(line.startswith(expected) for line in out), out
+
+
+def test_uplink_needs_a_wan() -> None:
+    text = BASE.replace('[wan]\ninterface = "wan"\n', "").replace("internet = true", "")
+    out = problems(text + UPLINK)
+    assert out == [
+        "p.toml: uplink: needs wan.interface: the interface whose traffic the kill switch "
+        "limits to the tunnel"
+    ]
+
+
+def test_hub_problems() -> None:
+    out = problems(BASE.replace("internet = true", "internet = true\nhub = true"))
+    assert out == [
+        "p.toml: domains.x.hub: is true but there is no [hub] section, expected one (interface, pool)"
+    ]
+    out = problems(BASE + '\n[hub]\npool = "10.10.0.0/16"\n')
+    assert out == [
+        "p.toml: hub.pool: 10.10.0.0/16 overlaps domains.x.pool (10.10.0.0/24), expected disjoint pools"
+    ]
+    out = problems(BASE + "\n[hub]\nlisten_port = 70000\n")
+    assert "p.toml: hub.listen_port: 70000, expected an integer from 1 to 65535" in out
+    assert any(line.startswith("p.toml: hub.pool: missing") for line in out)
+
+
+def test_wan_allow() -> None:
+    p = parse_policy(
+        (
+            BASE.replace('interface = "wan"', 'interface = "wan"\nallow = ["dhcp", "ndp"]') + UPLINK
+        ).encode(),
+        "p",
+    )
+    assert p.wan_allow == ("dhcp", "ndp")
+    out = problems(BASE.replace('interface = "wan"', 'interface = "wan"\nallow = ["ssh"]'))
+    assert out == ["p.toml: wan.allow[1]: unknown 'ssh', expected one of: dhcp, dhcpv6, ndp"]

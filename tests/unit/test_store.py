@@ -101,3 +101,62 @@ def test_sigkill_at_any_moment_never_loses_or_duplicates(tmp_path: Path) -> None
         ledger = Ledger(Store(tmp_path).allocations())  # raises on any duplicate
         assert len(ledger) == len(rows)
     assert len(committed) > 50
+
+
+def test_applied_record_round_trip(tmp_path: Path) -> None:
+    from controller.core.desired import machine_state, policy_state
+    from controller.core.plan import flatten
+    from controller.policy.load import load_policy
+
+    policy = load_policy(ROOT / "policies" / "example.toml")
+    pstate = policy_state(policy, ["other0"])
+    a = Allocation("52:54:00:00:00:01", "web", 1, "web", "10.10.0.9", "vnet1")
+    m = machine_state(policy, a)
+    s = Store(tmp_path)
+    s.replace_applied(flatten(pstate, ()), {a.mac: m})
+    s.close()
+    s = Store(tmp_path, readonly=True)
+    assert s.applied_machines() == {a.mac: m}
+    assert s.applied_policy() == flatten(pstate, ())
+
+
+def test_schema_1_is_migrated(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "state.sqlite")
+    db.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '1');
+        CREATE TABLE allocations (mac TEXT PRIMARY KEY, rule TEXT NOT NULL,
+            slot INTEGER NOT NULL, domain TEXT NOT NULL, address TEXT, port TEXT NOT NULL,
+            absent_since INTEGER, UNIQUE (rule, slot), UNIQUE (domain, address));
+        INSERT INTO allocations VALUES ('52:54:00:00:00:01', 'web', 1, 'x', '10.10.0.9', 'vnet1', NULL);
+        CREATE TABLE applied_machines (mac TEXT PRIMARY KEY, port TEXT NOT NULL, address TEXT,
+            hostname TEXT, tag TEXT);
+        CREATE TABLE applied_policy (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        """
+    )
+    db.close()
+    s = Store(tmp_path)
+    assert s.allocations() == [Allocation("52:54:00:00:00:01", "web", 1, "x", "10.10.0.9", "vnet1")]
+    assert s.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+    s.commit_allocations(
+        [Allocation("52:54:00:00:00:02", "web", 2, "x", "10.10.0.10", "vnet2", None, "10.250.0.7")]
+    )
+    with pytest.raises(sqlite3.IntegrityError):  # underlay addresses are unique too
+        s.commit_allocations(
+            [
+                Allocation(
+                    "52:54:00:00:00:03", "web", 3, "x", "10.10.0.11", "vnet3", None, "10.250.0.7"
+                )
+            ]
+        )
+
+
+def test_unknown_schema_is_refused(tmp_path: Path) -> None:
+    from controller.store import StoreError
+
+    s = Store(tmp_path)
+    s.db.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    s.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        Store(tmp_path)

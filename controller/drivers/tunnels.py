@@ -1,0 +1,184 @@
+"""The uplink (`wg0`) and the hub: WireGuard devices and the routing around them.
+
+The uplink is routed as wg-quick does with `Table=auto`: a default route in
+its own table, a rule sending everything *not* carrying the tunnel's fwmark
+to that table, and a rule letting more specific routes of the main table win
+(`suppress_prefixlength 0`: the bridge's and the hub's subnets stay local).
+The tunnel's own encrypted packets carry the fwmark and use the main table's
+default route, out of the WAN. An `unreachable` default (metric 4096) in the
+uplink's table makes a missing `wg0` fail at routing, before the kill switch
+even sees a packet.
+
+Rules and routes carry dom0's protocol number, so only dom0's are touched.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from controller.core.desired import HubPeer, HubState, UplinkState
+from controller.drivers.addresses import DOM0_PROTO
+from controller.drivers.wireguard import Peer, WireGuard, keys
+
+log = logging.getLogger(__name__)
+
+FIB_RULE_INVERT = 0x2
+SUPPRESS_PRIORITY = 32760
+UPLINK_PRIORITY = 32761
+MAIN_TABLE = 254
+
+
+def key_path(state_dir: Path, name: str) -> Path:
+    p = Path(name)
+    return p if p.is_absolute() else state_dir / p
+
+
+class Tunnels:
+    def __init__(self, wg: Callable[[], WireGuard], ipr: IPRoute, state_dir: Path) -> None:
+        self._wg = wg
+        self.ipr = ipr
+        self.state_dir = state_dir
+
+    @property
+    def wg(self) -> WireGuard:
+        return self._wg()
+
+    # -- the uplink --------------------------------------------------------------
+    def ensure_uplink(self, u: UplinkState) -> None:
+        private = keys.load_or_create(key_path(self.state_dir, u.private_key_file))
+        self._device(u.interface, private, listen_port=None, fwmark=u.table)
+        allowed = ("0.0.0.0/0", "::/0")
+        self.wg.replace_peers(
+            u.interface,
+            [
+                Peer(
+                    public_key=base64.b64decode(u.peer_public_key),
+                    allowed_ips=allowed,
+                    endpoint=u.endpoint,
+                    persistent_keepalive=u.persistent_keepalive or None,
+                )
+            ],
+        )
+        index = self._link(u.interface, u.mtu)
+        self._routes(u, index)
+        self._rules(u)
+
+    def _device(
+        self, name: str, private: keys.PrivateKey, *, listen_port: int | None, fwmark: int | None
+    ) -> None:
+        """Create or adopt the device; configure it only when it is new or
+        differs (resending a port makes wireguard-go reopen its socket)."""
+        new = self.wg.ensure(name)
+        device = self.wg.get(name)
+        if (
+            new
+            or device.public_key != private.public
+            or device.fwmark != fwmark
+            or (listen_port is not None and device.listen_port != listen_port)
+        ):
+            self.wg.configure(name, private_key=private, listen_port=listen_port, fwmark=fwmark)
+
+    def _link(self, name: str, mtu: int) -> int:
+        found = self.ipr.link_lookup(ifname=name)
+        if not found:
+            raise RuntimeError(f"WireGuard interface {name} did not appear")
+        index = found[0]
+        self.ipr.link("set", index=index, mtu=mtu, state="up")
+        return index
+
+    def _routes(self, u: UplinkState, index: int) -> None:
+        v6 = any(":" in a for a in u.addresses)
+        for dst, through in (("0.0.0.0/0", True), ("::/0", v6)):
+            # IPv6 without a tunnel address still gets the unreachable default:
+            # it fails at routing instead of looking for the WAN.
+            specs: list[dict] = [{"type": "unreachable", "priority": 4096}]
+            if through:
+                specs.insert(0, {"oif": index})
+            for spec in specs:
+                try:
+                    self.ipr.route("replace", dst=dst, table=u.table, proto=DOM0_PROTO, **spec)
+                except NetlinkError as e:
+                    raise RuntimeError(f"uplink route {dst} table {u.table}: {e}") from e
+
+    def _rules(self, u: UplinkState) -> None:
+        want = {
+            (SUPPRESS_PRIORITY, MAIN_TABLE, 0, None, 0),
+            (UPLINK_PRIORITY, u.table, FIB_RULE_INVERT, u.table, None),
+        }
+        for family in (2, 10):
+            have = set()
+            for r in self.ipr.get_rules(family=family):
+                if r.get("FRA_PROTOCOL") != DOM0_PROTO:
+                    continue
+                key = (
+                    r.get("FRA_PRIORITY"),
+                    r.get("FRA_TABLE"),
+                    r["flags"] & FIB_RULE_INVERT,
+                    r.get("FRA_FWMARK"),
+                    0 if r.get("FRA_SUPPRESS_PREFIXLEN") == 0 else None,
+                )
+                if key in want:
+                    have.add(key)
+                else:  # dom0's, but stale (another table or priority)
+                    self.ipr.rule("del", family=family, priority=r.get("FRA_PRIORITY"))
+            for prio, table, flags, mark, suppress in want - have:
+                spec: dict = {
+                    "family": family,
+                    "table": table,
+                    "priority": prio,
+                    "protocol": DOM0_PROTO,
+                }
+                if mark is not None:
+                    spec.update(fwmark=mark, flags=flags)
+                if suppress is not None:
+                    spec["suppress_prefixlen"] = suppress
+                self.ipr.rule("add", **spec)
+
+    # -- the hub -------------------------------------------------------------------
+    def ensure_hub(self, h: HubState) -> None:
+        private = keys.load_or_create(key_path(self.state_dir, h.private_key_file))
+        self._device(h.interface, private, listen_port=h.listen_port, fwmark=None)
+        self._link(h.interface, h.mtu)
+
+    def hub_public_key(self, h: HubState) -> str:
+        private = keys.load_or_create(key_path(self.state_dir, h.private_key_file))
+        return base64.b64encode(keys.public_of(private)).decode()
+
+    def hub_peers(self, h: HubState, put: dict[str, HubPeer], delete: frozenset[str]) -> None:
+        self.wg.set_peers(
+            h.interface,
+            upsert=[Peer(base64.b64decode(k), p.allowed_ips) for k, p in put.items()],
+            remove=[base64.b64decode(k) for k in delete],
+        )
+
+    def hub_replace_peers(self, h: HubState, peers: dict[str, HubPeer]) -> None:
+        self.wg.replace_peers(
+            h.interface, [Peer(base64.b64decode(k), p.allowed_ips) for k, p in peers.items()]
+        )
+
+    def hub_peer_state(self, h: HubState) -> dict[str, tuple[str, ...]]:
+        """The hub's peers as the device holds them: key -> allowed-ips."""
+        device = self.wg.get(h.interface)
+        return {
+            base64.b64encode(k).decode(): tuple(s.peer.allowed_ips) for k, s in device.peers.items()
+        }
+
+
+def machine_key_path(state_dir: Path, mac: str) -> Path:
+    return state_dir / "keys" / "machines" / f"{mac.replace(':', '-')}.key"
+
+
+def machine_public_key(state_dir: Path, mac: str, *, create: bool = True) -> str | None:
+    """The public key of a hub machine's tunnel; its private key is made on
+    first use (0600) for `dom0 wg export` to hand out. Agents (later) will
+    bring their own keys instead."""
+    path = machine_key_path(state_dir, mac)
+    if not create and not path.exists():
+        return None
+    return base64.b64encode(keys.public_of(keys.load_or_create(path))).decode()
