@@ -12,6 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _policy(sub)
     _plan(sub)
     _run(sub)
+    _killswitch(sub)
     _status(sub)
     _wg(sub)
     _lab(sub)
@@ -65,6 +66,23 @@ def _run(sub: argparse._SubParsersAction) -> None:
         from controller.engine import run_command
 
         return run_command(args.policy, args.state, args.log_level, args.resync)
+
+    p.set_defaults(handler=handler)
+
+
+def _killswitch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "killswitch", help="load the WAN kill switch of a policy now (at boot, before the network)"
+    )
+    p.add_argument("--policy", required=True, metavar="FILE")
+    p.add_argument(
+        "--check", action="store_true", help="only say whether it is in place (exit 1 if not)"
+    )
+
+    def handler(args: argparse.Namespace) -> int:
+        from controller.killswitch import killswitch_command
+
+        return killswitch_command(args.policy, check=args.check)
 
     p.set_defaults(handler=handler)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from installer import profiles
 from installer.errors import ConfigError, Problem
+from installer.takeover import readable, ssh_handover_problem
 
 GIB = 1024**3
 MIB = 1024**2
@@ -967,6 +968,16 @@ class _Parser:
                     "[[users]] with ssh_keys (or sshd.enabled = false)",
                 )
             )
+        dom0_cfg = p.get("dom0")
+        firewall = p.get("firewall")
+        if dom0_cfg is not None and firewall is not None and firewall.enabled and sshd.enabled:
+            # Checked here when the policy can be read (it is an input file;
+            # `dom0 install validate` checks the installed copy too).
+            text = readable(dom0_cfg.policy)
+            if text is not None:
+                why = ssh_handover_problem(text, dom0_cfg.policy, firewall.ssh_sources, sshd.port)
+                if why:
+                    problems.append(Problem("dom0.policy", why))
         vm: VmDataset = p["datasets"].vm
         if vm.enabled and p["datasets"].home and vm.mountpoint == "/home":
             problems.append(Problem("datasets.vm.mountpoint", "collides with the home dataset"))

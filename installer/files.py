@@ -416,6 +416,11 @@ def firewall_emergency() -> str:
         "    chain forward {\n"
         "        type filter hook forward priority filter; policy drop;\n"
         "    }\n"
+        "    # the kill switch could not be loaded: nothing may leave at all\n"
+        "    chain output {\n"
+        "        type filter hook output priority filter; policy drop;\n"
+        '        oif "lo" accept\n'
+        "    }\n"
         "}\n"
     )
 
@@ -433,12 +438,13 @@ def firewall_service(cfg: Config) -> tuple[str, str, int]:
             + 'description="dom0 baseline firewall (fail-closed until the controller runs)"\n\n'
             "depend() {\n"
             "\tprovide firewall\n"
+            "\tneed localmount\n"
             "\tbefore net\n"
             "}\n\n"
             "start() {\n"
-            '\tebegin "Loading the dom0 baseline firewall"\n'
-            f"\tif ! /usr/sbin/nft -f {BASELINE_PATH}; then\n"
-            '\t\tewarn "baseline failed to load, loading the emergency ruleset"\n'
+            '\tebegin "Loading the dom0 baseline firewall and the WAN kill switch"\n'
+            f"\tif ! {killswitch_boot(cfg)}; then\n"
+            '\t\tewarn "baseline or kill switch failed to load, loading the emergency ruleset"\n'
             f"\t\t/usr/sbin/nft -f {EMERGENCY_PATH}\n"
             "\tfi\n"
             "\teend $?\n"
@@ -460,11 +466,22 @@ def firewall_service(cfg: Config) -> tuple[str, str, int]:
         "[Service]\n"
         "Type=oneshot\n"
         "RemainAfterExit=yes\n"
-        f"ExecStart=/bin/sh -c '/usr/sbin/nft -f {BASELINE_PATH} || "
+        f"ExecStart=/bin/sh -c '{killswitch_boot(cfg)} || "
         f"/usr/sbin/nft -f {EMERGENCY_PATH}'\n\n"
         "[Install]\n"
         "WantedBy=sysinit.target\n",
         0o644,
+    )
+
+
+def killswitch_boot(cfg: Config) -> str:
+    """The baseline, then the dom0 policy's WAN kill switch (if it has an
+    uplink): before any interface is up, nothing may leave the WAN outside
+    the tunnel. The controller writes the same table first thing when it
+    starts, and takes the baseline over."""
+    return (
+        f"/usr/sbin/nft -f {BASELINE_PATH} && "
+        f"{cfg.dom0.venv}/bin/dom0 killswitch --policy {POLICY_PATH}"
     )
 
 

@@ -21,6 +21,7 @@ from installer import files, profiles
 from installer.config import Config
 from installer.initramfs import InitramfsError, read_members
 from installer.paths import PathError, resolve_in_root
+from installer.takeover import ssh_handover_problem
 
 REPO = "var/db/repos/gentoo"
 
@@ -483,6 +484,22 @@ def firewall_checks(cfg: Config, t: Tree) -> list[Result]:
             "the baseline does not drop by default",
         )
     )
+    if cfg.sshd.enabled and cfg.dom0 is not None:
+        policy = t.read(files.POLICY_PATH)
+        if policy is None:
+            out.append(fail("firewall.handover", f"{files.POLICY_PATH} is missing"))
+        else:
+            why = ssh_handover_problem(
+                policy, files.POLICY_PATH, cfg.firewall.ssh_sources, cfg.sshd.port
+            )
+            out.append(
+                check(
+                    "firewall.handover",
+                    why is None,
+                    "the dom0 policy keeps SSH open from the baseline's sources",
+                    why or "",
+                )
+            )
     for svc in ["sshd"] * cfg.sshd.enabled + ["dhcpcd"] * cfg.network.dhcp:
         path, line = files.needs_firewall(cfg, svc)
         body = t.read(path) or ""

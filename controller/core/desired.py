@@ -27,9 +27,11 @@ REACH = ("inet", "reach")  # ipv4_addr . ipv4_addr (interval): may open connecti
 EGRESS = ("inet", "egress")  # ipv4_addr (interval): may reach the internet
 SERVICE = ("inet", "services")  # ipv4_addr . inet_proto . inet_service (interval)
 ICMP = ("inet", "icmp")  # ipv4_addr (interval): may ping dom0
+SSH4 = ("inet", "ssh4")  # ipv4_addr (interval): may reach dom0's sshd (host.ssh_from)
+SSH6 = ("inet", "ssh6")  # ipv6_addr (interval)
 
 MACHINE_SETS = (PORT_MAC, BINDING)
-POLICY_SETS = (EXEMPT, PEERS, REACH, EGRESS, SERVICE, ICMP)
+POLICY_SETS = (EXEMPT, PEERS, REACH, EGRESS, SERVICE, ICMP, SSH4, SSH6)
 ALL_SETS = MACHINE_SETS + POLICY_SETS
 
 Element = tuple[str, ...]
@@ -47,6 +49,9 @@ class Shape:
     hub: str | None = None  # the hub's WireGuard interface
     hub_port: int | None = None
     underlay: str | None = None  # the hub's bridge pool: tunnel UDP and DHCP only
+    ssh_port: int = 22  # dom0's own input (host.*), which it takes over from the boot baseline
+    ping: bool = True
+    dhcp_client: bool = True
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -63,6 +68,8 @@ class KillSwitch:
     endpoint_port: int
     fwmark: int
     allow: tuple[str, ...]
+    ssh_from: tuple[str, ...] = ()  # may come in over the WAN to dom0's sshd
+    ssh_port: int = 22
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -270,7 +277,13 @@ def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
             uplink.persistent_keepalive,
         )
         killswitch = KillSwitch(
-            policy.wan, uplink.endpoint_host, uplink.endpoint_port, uplink.table, policy.wan_allow
+            policy.wan,
+            uplink.endpoint_host,
+            uplink.endpoint_port,
+            uplink.table,
+            policy.wan_allow,
+            policy.host.ssh_from,
+            policy.host.ssh_port,
         )
     exempt = {(p,) for p in foreign_ports} | {(p,) for p in policy.trusted_ports}
     shape = Shape(
@@ -280,6 +293,9 @@ def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
         hub=hub.interface if hub else None,
         hub_port=hub.listen_port if hub else None,
         underlay=str(hub.pool) if hub else None,
+        ssh_port=policy.host.ssh_port,
+        ping=policy.host.ping,
+        dhcp_client=policy.host.dhcp_client,
     )
     return PolicyState(
         shape=shape,
@@ -291,6 +307,8 @@ def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
             EGRESS: frozenset(egress),
             SERVICE: frozenset(services),
             ICMP: frozenset(icmp),
+            SSH4: frozenset((c,) for c in policy.host.ssh_from if ":" not in c),
+            SSH6: frozenset((c,) for c in policy.host.ssh_from if ":" in c),
         },
         addresses=frozenset(addresses),
         dhcp=DhcpConfig(

@@ -40,6 +40,8 @@ from controller.core.desired import (
     PORT_MAC,
     REACH,
     SERVICE,
+    SSH4,
+    SSH6,
     Element,
     KillSwitch,
     Shape,
@@ -60,7 +62,13 @@ SET_TYPES: dict[tuple[str, str], tuple[list[str] | str, bool]] = {
     EGRESS: ("ipv4_addr", True),
     SERVICE: (["ipv4_addr", "inet_proto", "inet_service"], True),
     ICMP: ("ipv4_addr", True),
+    SSH4: ("ipv4_addr", True),
+    SSH6: ("ipv6_addr", True),
 }
+
+# The installer's boot firewall: dom0 takes it over, deleting it in the very
+# transaction that writes dom0's own tables (which carry its host rules).
+BASELINE_TABLE = "dom0_baseline"
 
 
 class NftError(Exception):
@@ -237,6 +245,8 @@ def _chains(shape: Shape) -> dict[str, tuple[dict | None, list[list[dict]]]]:
         [
             [_match(_meta("iifname"), machine_ifs), _jump("from_machines")],
             [_match(_meta("oifname"), machine_ifs), _jump("to_machines")],
+            # dom0 forwards for its machines only
+            [_counter(), DROP],
         ],
     )
     to_host: list[list[dict]] = [
@@ -267,9 +277,14 @@ def _chains(shape: Shape) -> dict[str, tuple[dict | None, list[list[dict]]]]:
         [_counter(), DROP],
     ]
     i["to_host"] = (None, to_host)
+    i["host_in"] = (None, _host_in(shape))
     i["input"] = (
         {"type": "filter", "hook": "input", "prio": 0, "policy": "accept"},
-        [[_match(_meta("iifname"), machine_ifs), _jump("to_host")]],
+        [
+            [_match(_meta("iifname"), "lo"), ACCEPT],
+            [_match(_meta("iifname"), machine_ifs), _jump("to_host")],
+            [_jump("host_in")],
+        ],
     )
     if egress:
         i["postrouting"] = (
@@ -337,6 +352,26 @@ def killswitch_chains(ks: KillSwitch) -> dict[str, tuple[dict | None, list[list[
     for name in ks.allow:
         out.append([*_WAN_ALLOW_OUT[name], ACCEPT])
         inbound.append([*_WAN_ALLOW_IN[name], ACCEPT])
+    for family in ("ip", "ip6"):
+        sources = [_prefix(c) for c in ks.ssh_from if (":" in c) == (family == "ip6")]
+        if sources:
+            inbound.append(
+                [
+                    _match(_pl(family, "saddr"), {"set": sources}),
+                    _match(_pl("tcp", "dport"), ks.ssh_port),
+                    ACCEPT,
+                ]
+            )
+    if ks.ssh_from:
+        # answers to what came in (and only that: dom0's own connections out
+        # are the original direction, and stay dropped)
+        out.append(
+            [
+                _match({"ct": {"key": "direction"}}, "reply"),
+                _match({"ct": {"key": "state"}}, "established"),
+                ACCEPT,
+            ]
+        )
     out.append([_counter(), DROP])
     inbound.append([_counter(), DROP])
     return {
@@ -363,6 +398,11 @@ def killswitch_chains(ks: KillSwitch) -> dict[str, tuple[dict | None, list[list[
             ],
         ),
     }
+
+
+def _prefix(cidr: str) -> dict:
+    addr, length = cidr.split("/")
+    return {"prefix": {"addr": addr, "len": int(length)}}
 
 
 def killswitch_commands(ks: KillSwitch) -> list[dict]:
@@ -406,6 +446,47 @@ def killswitch_commands(ks: KillSwitch) -> list[dict]:
     return cmds
 
 
+_ICMP_ERRORS = ["destination-unreachable", "time-exceeded", "parameter-problem"]
+_ICMPV6_NEEDED = [
+    "destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem",
+    "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert", "mld-listener-query",
+]  # fmt: skip
+
+
+def _host_in(shape: Shape) -> list[list[dict]]:
+    """dom0's own input from everything but its machines (the WAN, the
+    uplink, a management interface): what the installer's boot baseline
+    allowed, and nothing else."""
+    established = _match({"ct": {"key": "state"}}, {"set": ["established", "related"]})
+    rules: list[list[dict]] = [
+        [established, ACCEPT],
+        [_match({"ct": {"key": "state"}}, "invalid"), DROP],
+        [_match(_pl("icmp", "type"), {"set": _ICMP_ERRORS}), ACCEPT],
+        [_match(_pl("icmpv6", "type"), {"set": _ICMPV6_NEEDED}), ACCEPT],
+    ]
+    if shape.ping:
+        rules.append([_match(_pl("icmp", "type"), "echo-request"), ACCEPT])
+        rules.append([_match(_pl("icmpv6", "type"), "echo-request"), ACCEPT])
+    if shape.dhcp_client:
+        rules.append([_match(_pl("udp", "sport"), 67), _match(_pl("udp", "dport"), 68), ACCEPT])
+        rules.append(
+            [
+                _match(_pl("ip6", "saddr"), {"prefix": {"addr": "fe80::", "len": 10}}),
+                _match(_pl("udp", "sport"), 547),
+                _match(_pl("udp", "dport"), 546),
+                ACCEPT,
+            ]
+        )
+    rules.append(
+        [_match(_pl("ip", "saddr"), "@ssh4"), _match(_pl("tcp", "dport"), shape.ssh_port), ACCEPT]
+    )
+    rules.append(
+        [_match(_pl("ip6", "saddr"), "@ssh6"), _match(_pl("tcp", "dport"), shape.ssh_port), ACCEPT]
+    )
+    rules.append([_counter(), DROP])
+    return rules
+
+
 def elem_json(key: tuple[str, str], element: Element) -> Any:
     types, _interval = SET_TYPES[key]
     types = types if isinstance(types, list) else [types]
@@ -416,7 +497,7 @@ def elem_json(key: tuple[str, str], element: Element) -> Any:
 def _value_json(nft_type: str, value: str) -> Any:
     if nft_type == "inet_service":
         return int(value)
-    if nft_type == "ipv4_addr" and "/" in value:
+    if nft_type in ("ipv4_addr", "ipv6_addr") and "/" in value:
         addr, length = value.split("/")
         return {"prefix": {"addr": addr, "len": int(length)}}
     return value
@@ -444,7 +525,8 @@ def elem_from_json(value: Any) -> Element:
 
 def ruleset_commands(shape: Shape, sets: Mapping[tuple[str, str], Iterable[Element]]) -> list[dict]:
     """The whole of dom0's tables, for one atomic transaction."""
-    cmds: list[dict] = []
+    baseline = {"family": "inet", "name": BASELINE_TABLE}
+    cmds: list[dict] = [{"add": {"table": baseline}}, {"delete": {"table": baseline}}]
     chains = _chains(shape)
     for family in FAMILIES:
         table = {"family": family, "name": TABLE}
@@ -504,7 +586,7 @@ def element_commands(plan: Plan) -> list[dict]:
 
 @dataclass(frozen=True, slots=True)
 class KernelState:
-    shape_matches: bool  # both tables present, chains as `shape` says
+    shape_matches: bool  # both tables present, chains as `shape` says, no boot baseline
     sets: dict[tuple[str, str], frozenset[Element]]
 
 
@@ -565,6 +647,9 @@ class Nft:
                 ok = False
         if set(sets) != set(SET_TYPES):
             ok = False
+        rc, _out, _err = self.ctx.cmd(f"list table inet {BASELINE_TABLE}")
+        if rc == 0:
+            ok = False  # the boot baseline is (back): the next write takes it over
         return KernelState(ok, sets)
 
     def killswitch_matches(self, ks: KillSwitch) -> bool:

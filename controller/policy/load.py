@@ -25,6 +25,7 @@ from controller.policy.model import (
     SERVICES,
     WAN_ALLOW,
     Domain,
+    Host,
     Hub,
     Match,
     Policy,
@@ -219,7 +220,18 @@ class _Validator:
         self.keys(
             raw,
             "policy",
-            ["site", "bridge", "wan", "uplink", "hub", "dhcp", "domains", "rules", "quarantine"],
+            [
+                "site",
+                "host",
+                "bridge",
+                "wan",
+                "uplink",
+                "hub",
+                "dhcp",
+                "domains",
+                "rules",
+                "quarantine",
+            ],
         )
         site = self.table(raw, "site", "site", ["tld", "release_after"])
         tld = self.string(site, "tld", "site", "internal") or "internal"
@@ -250,6 +262,7 @@ class _Validator:
         uplink = self.uplink(raw, wan, bridge)
         hub = self.hub(raw, bridge, uplink)
 
+        host = self.host(raw)
         dhcp_t = self.table(raw, "dhcp", "dhcp", ["lease_time"])
         lease = self.duration(dhcp_t, "lease_time", "dhcp", "1h", 120)
 
@@ -273,6 +286,7 @@ class _Validator:
             domains=domains,
             rules=tuple(rules),
             quarantine=quarantine,
+            host=host,
         )
 
     def uplink(self, raw: dict, wan: str | None, bridge: str) -> Uplink | None:
@@ -372,6 +386,24 @@ class _Validator:
         if len(self.problems) != ok or pool is None or gateway is None:
             return None
         return Hub(iface, port, pool, gateway, key_file, mtu)
+
+    def host(self, raw: dict) -> Host:
+        h = self.table(raw, "host", "host", ["ssh_from", "ssh_port", "ping", "dhcp_client"])
+        sources = []
+        for i, cidr in enumerate(self.strings(h, "ssh_from", "host")):
+            try:
+                sources.append(str(ipaddress.ip_network(cidr, strict=True)))
+            except ValueError as e:
+                self.bad(
+                    f"host.ssh_from[{i + 1}]",
+                    f'{cidr!r}: {e}, expected a CIDR like "203.0.113.0/24"',
+                )
+        return Host(
+            ssh_from=tuple(dict.fromkeys(sources)),
+            ssh_port=self.integer(h, "ssh_port", "host", 22, 1, 65535),
+            ping=self.boolean(h, "ping", "host", True),
+            dhcp_client=self.boolean(h, "dhcp_client", "host", True),
+        )
 
     def integer(self, raw: dict, key: str, path: str, default: int, lo: int, hi: int) -> int:
         value = raw.get(key, default)

@@ -115,6 +115,17 @@ class Quarantine:
 
 
 @dataclass(frozen=True, slots=True)
+class Host:
+    """dom0's own input from outside its machines: what the installer's boot
+    baseline allowed, which the controller takes over when it starts."""
+
+    ssh_from: tuple[str, ...] = ()  # CIDRs, v4 or v6
+    ssh_port: int = 22
+    ping: bool = True
+    dhcp_client: bool = True  # DHCP replies for dom0's own interfaces (e.g. the WAN)
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     source: str  # file it came from
     tld: str
@@ -129,6 +140,7 @@ class Policy:
     domains: Mapping[str, Domain]
     rules: tuple[Rule, ...]
     quarantine: Quarantine
+    host: Host = field(default_factory=Host)
 
     def fqdn(self, label: str, domain: str) -> str:
         return f"{label}.{domain}.{self.tld}"

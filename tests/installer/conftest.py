@@ -18,7 +18,13 @@ from installer import profiles
 from . import fakehost, synth
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "install"
-POLICY = 'tld = "internal"\n# a test policy\n'
+# A dom0 policy whose [host] keeps SSH open from what the install configs
+# allow (the controller takes the baseline firewall over).
+POLICY = (
+    "# a test policy\n"
+    '[host]\nssh_from = ["203.0.113.0/24", "10.0.0.0/8"]\n'
+    '[domains.x]\npool = "10.10.0.0/24"\n'
+)
 TEST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITestKeyForTheInstallerTestsOnly0000000000 t@test"
 TEST_HASH = "$6$testsalt$SecretHashValueForRedactionTestsXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX"
 PASSPHRASE = "correct horse battery staple"
@@ -192,7 +198,7 @@ def make_install(
                     "password_hash": TEST_HASH,
                 }
             ],
-            "firewall": {"ssh_sources": ["192.0.2.0/24"]},
+            "firewall": {"ssh_sources": ["203.0.113.0/24"]},
             "bootloader": {"zbm_url": (base / "zbm.EFI").as_uri()},
             "dom0": {
                 "policy": str(base / "policy.toml"),
@@ -234,7 +240,7 @@ def mini_config(tmp: Path, over: dict[str, Any] | None = None) -> config_mod.Con
             )
         },
         "users": [{"name": "admin", "ssh_keys": [TEST_KEY]}],
-        "firewall": {"ssh_sources": ["192.0.2.0/24"]},
+        "firewall": {"ssh_sources": ["203.0.113.0/24"]},
         "dom0": {"policy": str(tmp / "policy.toml"), "wheel": str(tmp / "d-0-py3-none-any.whl")},
     }
     return config_mod.parse(merge(data, over or {}), source="t.toml")

@@ -258,7 +258,7 @@ def test_changed_plan_is_refused_on_resume(make_install, monkeypatch, capsys) ->
     monkeypatch.delenv(FAULT)
     inst.config.write_text(
         inst.config.read_text().replace(
-            '[firewall]\nssh_sources = ["192.0.2.0/24"]', '[firewall]\nssh_sources = ["10.0.0.0/8"]'
+            '[firewall]\nssh_sources = ["203.0.113.0/24"]', '[firewall]\nssh_sources = ["10.0.0.0/8"]'
         )
     )
     capsys.readouterr()

@@ -19,7 +19,7 @@ NFT = shutil.which("nft", path="/usr/sbin:/usr/bin:/sbin:/bin")
 
 def _cfg(tmp_path: Path, **fw):
     return mini_config(
-        tmp_path, {"firewall": {"ssh_sources": ["192.0.2.0/24", "2001:db8::/32"], **fw}}
+        tmp_path, {"firewall": {"ssh_sources": ["203.0.113.0/24", "2001:db8::/32"], **fw}}
     )
 
 
@@ -27,7 +27,7 @@ def test_baseline_is_fail_closed(tmp_path: Path) -> None:
     text = files.firewall_baseline(_cfg(tmp_path))
     assert "chain input {\n        type filter hook input priority filter; policy drop;" in text
     assert "chain forward {\n        type filter hook forward priority filter; policy drop;" in text
-    assert "elements = { 192.0.2.0/24 }" in text and "elements = { 2001:db8::/32 }" in text
+    assert "elements = { 203.0.113.0/24 }" in text and "elements = { 2001:db8::/32 }" in text
     assert "ip saddr @ssh_v4 tcp dport 22 accept" in text
     assert f"delete table inet {files.BASELINE_TABLE}" in text  # reloadable
 
