@@ -34,7 +34,7 @@ from controller.drivers.dhcp import Dnsmasq
 from controller.drivers.nft import Nft
 from controller.drivers.tunnels import Tunnels, machine_key_path
 from controller.drivers.wireguard import WireGuard, detect, keys
-from controller.policy.load import PolicyError, load_policy
+from controller.policy.load import PolicyError, load_or_report, load_policy
 from controller.policy.model import Policy
 from controller.reconcile import Reconciler
 
@@ -269,12 +269,8 @@ def run_command(policy_file: str, state_dir: str, log_level: str, resync: float)
         level=getattr(logging, log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        policy = load_policy(policy_file)
-    except PolicyError as e:
-        for p in e.problems:
-            print(p, file=sys.stderr)
-        print("dom0 run: refusing to start with an invalid policy", file=sys.stderr)
+    policy = load_or_report(policy_file, "dom0 run")
+    if policy is None:
         return 2
     if resync <= 0:
         print("dom0 run: --resync: must be a positive number of seconds", file=sys.stderr)

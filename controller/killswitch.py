@@ -10,16 +10,12 @@ from __future__ import annotations
 import sys
 
 from controller.core.desired import policy_state
-from controller.policy.load import PolicyError, load_policy
+from controller.policy.load import load_or_report
 
 
 def killswitch_command(policy_file: str, *, check: bool = False) -> int:
-    try:
-        policy = load_policy(policy_file)
-    except PolicyError as e:
-        for p in e.problems:
-            print(p, file=sys.stderr)
-        print("dom0 killswitch: invalid policy, nothing loaded", file=sys.stderr)
+    policy = load_or_report(policy_file, "dom0 killswitch")
+    if policy is None:
         return 2
     ks = policy_state(policy, ()).killswitch
     if ks is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -19,9 +18,9 @@ from controller.core import inventory as inv
 from controller.core.allocation import Ledger
 from controller.core.decide import decide, decide_order
 from controller.core.desired import fqdn_of, policy_state
-from controller.core.plan import EMPTY, Flat, flatten, plan
+from controller.core.plan import EMPTY, Flat, flatten, plan, with_machines
 from controller.drivers.tunnels import machine_public_key
-from controller.policy.load import PolicyError, load_policy
+from controller.policy.load import load_or_report
 from controller.store import Store, StoreError
 
 
@@ -43,24 +42,12 @@ def applied_flat(store: Store | None) -> Flat:
     base = store.applied_policy()
     if base.shape is None:
         return EMPTY
-    sets = {k: set(v) for k, v in base.sets.items()}
-    hosts, peers = {}, {}
-    for m in store.applied_machines().values():
-        for key, elems in m.elements.items():
-            sets.setdefault(key, set()).update(elems)
-        if m.dhcp is not None:
-            hosts[m.dhcp.mac] = m.dhcp
-        if m.peer is not None:
-            peers[m.peer.public_key] = m.peer
-    return replace(base, sets={k: frozenset(v) for k, v in sets.items()}, hosts=hosts, peers=peers)
+    return with_machines(base, store.applied_machines().values())
 
 
 def plan_command(policy_file: str, state_dir: str, *, as_json: bool = False) -> int:
-    try:
-        policy = load_policy(policy_file)
-    except PolicyError as e:
-        for p in e.problems:
-            print(p, file=sys.stderr)
+    policy = load_or_report(policy_file, "dom0 plan")
+    if policy is None:
         return 2
     store: Store | None = None
     if (Path(state_dir) / "state.sqlite").exists():

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from controller.core.desired import (
     ALL_SETS,
@@ -248,20 +248,27 @@ def _collect(
         peers[m.peer.public_key] = m.peer
 
 
-def flatten(policy: PolicyState, machines: Iterable[MachineState]) -> Flat:
-    acc: dict[SetKey, set[Element]] = {k: set(v) for k, v in policy.sets.items()}
-    hosts: dict[str, DhcpHost] = {}
-    peers: dict[str, HubPeer] = {}
+def with_machines(base: Flat, machines: Iterable[MachineState]) -> Flat:
+    """`base` (a policy's state) plus every machine's elements, reservations
+    and peers."""
+    acc: dict[SetKey, set[Element]] = {k: set(v) for k, v in base.sets.items()}
+    hosts: dict[str, DhcpHost] = dict(base.hosts)
+    peers: dict[str, HubPeer] = dict(base.peers)
     for m in machines:
         _collect(m, acc, hosts, peers)
-    return Flat(
+    return replace(base, sets={k: frozenset(v) for k, v in acc.items()}, hosts=hosts, peers=peers)
+
+
+def flatten(policy: PolicyState, machines: Iterable[MachineState]) -> Flat:
+    base = Flat(
         policy.shape,
-        {k: frozenset(v) for k, v in acc.items()},
+        policy.sets,
         policy.addresses,
         policy.dhcp,
-        hosts,
-        peers,
+        {},
+        {},
         policy.killswitch,
         policy.uplink,
         policy.hub,
     )
+    return with_machines(base, machines)

@@ -68,6 +68,20 @@ def load_policy(path: str | Path) -> Policy:
     return parse_policy(data, name)
 
 
+def load_or_report(path: str | Path, prog: str) -> Policy | None:
+    """For commands: the policy, or None after printing one line per problem
+    (and what `prog` refuses to do) to stderr; the caller exits 2."""
+    import sys
+
+    try:
+        return load_policy(path)
+    except PolicyError as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        print(f"{prog}: refusing an invalid policy", file=sys.stderr)
+        return None
+
+
 def parse_policy(data: bytes, name: str) -> Policy:
     try:
         text = data.decode("utf-8")

@@ -22,6 +22,7 @@ import pytest
 
 from controller.lab import build, controllerproc, dhcpclient, netns, processes, vm
 from controller.lab.rundir import Lab
+from controller.lab.wait import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -52,17 +53,6 @@ def by_mac(lab: Lab) -> dict[str, dict[str, Any]]:
 def reachable(lab: Lab, i: int, address: str, **kw: Any) -> bool:
     r = vm.probe(lab, i, vm.echo_url(address), timeout=kw.pop("timeout", 1.5), **kw)
     return r.ok
-
-
-def wait_until(cond: Any, timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def ruleset(lab: Lab) -> str:
@@ -177,7 +167,9 @@ def test_unmatched_mac_is_quarantined(make_lab: Any) -> None:
     ping = vm.run(lab, q, ["busybox", "ping", "-c1", "-W1", "10.99.0.1"], check=False)
     assert ping.returncode != 0
     # while admitted machines can ping their gateway (service "icmp")
-    assert vm.run(lab, 1, ["busybox", "ping", "-c1", "-W1", "10.10.0.1"], check=False).returncode == 0
+    assert (
+        vm.run(lab, 1, ["busybox", "ping", "-c1", "-W1", "10.10.0.1"], check=False).returncode == 0
+    )
 
 
 def test_policy_change_moves_a_vm_and_the_firewall_follows(make_lab: Any) -> None:
@@ -195,16 +187,15 @@ def test_policy_change_moves_a_vm_and_the_firewall_follows(make_lab: Any) -> Non
     )
     assert moved != current
     controllerproc.write_policy(lab, moved)  # the controller notices the file change
-    m = wait_until(
-        lambda: (x := by_mac(lab)[mac1])["domain"] == "y" and x, what="vm1 moved to y"
-    )
+    m = wait_for(lambda: (x := by_mac(lab)[mac1])["domain"] == "y" and x, what="vm1 moved to y")
     assert m["name"] == "special1.y.internal"
     old = ip[1]
     t0 = time.time()
     dhcpclient.renew(lab, 1, wait=False)
     lease = dhcpclient.wait_lease(lab, 1, timeout=20, newer_than=t0)
-    lease = wait_until(
-        lambda: (x := dhcpclient.read_lease(lab, 1)) and x.ip != old and x, timeout=20,
+    lease = wait_for(
+        lambda: (x := dhcpclient.read_lease(lab, 1)) and x.ip != old and x,
+        timeout=20,
         what="a lease in the new pool",
     )
     assert lease.ip == m["address"]
@@ -222,9 +213,7 @@ def test_invalid_policy_on_reload_changes_nothing(make_lab: Any) -> None:
     lab = make_lab(2, controller=True)
     ip = {i: lease.ip for i, lease in leases(lab).items()}
     before_rules, before_machines = ruleset(lab), by_mac(lab)
-    broken = lab.policy_path.read_text().replace(
-        'pool = "10.20.0.0/24"', 'pool = "10.10.0.128/25"'
-    )
+    broken = lab.policy_path.read_text().replace('pool = "10.20.0.0/24"', 'pool = "10.10.0.128/25"')
     controllerproc.write_policy(lab, broken)
     proc = controllerproc.pid(lab)
     assert proc is not None

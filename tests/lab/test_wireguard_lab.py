@@ -12,7 +12,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,6 +30,7 @@ from controller.lab import (
 )
 from controller.lab.capture import Capture
 from controller.lab.rundir import Lab
+from controller.lab.wait import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -116,17 +116,6 @@ def hub_peers(lab: Lab) -> dict[str, tuple[str, ...]]:
 
 def wireguard_pid(lab: Lab, name: str) -> int:
     return int(json.loads((lab.state_dir / "wireguard" / f"{name}.json").read_text())["pid"])
-
-
-def wait_for(cond: Any, timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def machines(lab: Lab) -> dict[str, dict]:
