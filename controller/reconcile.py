@@ -326,9 +326,10 @@ class Reconciler:
             log.error("tunnels: %s (the kill switch holds; retrying at the next sync)", e)
         if self.addresses is not None:
             self._addresses(pstate)
-        kernel = self.nft.read(pstate.shape)
+        # (a forced rebuild rewrites everything anyway: no need to read it back)
+        kernel = None if rebuild else self.nft.read(pstate.shape)
         try:
-            if rebuild or not kernel.shape_matches:
+            if kernel is None or not kernel.shape_matches:
                 self.stats.rebuilds += 1
                 log.info("nftables: writing dom0's tables (%d machines)", len(machines))
                 self.nft.rebuild(pstate.shape, desired.sets)
@@ -351,9 +352,25 @@ class Reconciler:
         self._apply_hosts(Plan(hosts_put=put, hosts_del=gone, hosts_changed=changed))
         if self.dnsmasq is not None and self.inventory.bridge_index is not None:
             self.dnsmasq.configure(pstate.dhcp)
+        self._record_applied(pstate, machines)
+
+    def _record_applied(self, pstate: PolicyState, machines: dict[str, MachineState]) -> None:
+        """What was applied, into the store: whole after start, else only what
+        changed (a periodic resync with 10,000 machines and nothing new writes
+        nothing)."""
+        if self.applied_policy is None:
+            self.store.replace_applied(flatten(pstate, ()), machines)
+        else:
+            changes: dict[str, MachineState | None] = {
+                mac: m for mac, m in machines.items() if self.applied.get(mac) != m
+            }
+            changes.update({mac: None for mac in self.applied if mac not in machines})
+            if changes:
+                self.store.commit_applied_machines(changes)
+            if pstate != self.applied_policy:
+                self.store.commit_applied_policy(flatten(pstate, ()))
         self.applied = dict(machines)
         self.applied_policy = pstate
-        self.store.replace_applied(flatten(pstate, ()), machines)
 
     def _addresses(self, pstate: PolicyState) -> None:
         assert self.addresses is not None

@@ -89,25 +89,46 @@ class HostsDir:
         for d in (self.root, self.dir, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(0o755)
+        # file name -> (inode, mtime_ns, host): a file unchanged since it was
+        # last read or written is not read again (10,000 of them at a resync)
+        self._known: dict[str, tuple[int, int, DhcpHost]] = {}
 
     def read(self) -> dict[str, DhcpHost]:
+        """Every reservation on disk; files that are not ours, or damaged,
+        are removed (the controller writes what should be there)."""
         out = {}
-        for f in self.dir.iterdir():
-            host = parse_host_line(f.read_text()) if f.is_file() else None
-            if host is not None and _host_file(host.mac) == f.name:
-                out[host.mac] = host
-            else:
-                f.unlink(missing_ok=True)  # not ours or damaged: the controller rewrites
+        seen = set()
+        with os.scandir(self.dir) as entries:
+            for e in entries:
+                seen.add(e.name)
+                st = e.stat(follow_symlinks=False)
+                known = self._known.get(e.name)
+                if known is not None and known[:2] == (st.st_ino, st.st_mtime_ns):
+                    out[known[2].mac] = known[2]
+                    continue
+                host = parse_host_line(Path(e.path).read_text()) if e.is_file() else None
+                if host is not None and _host_file(host.mac) == e.name:
+                    out[host.mac] = host
+                    self._known[e.name] = (st.st_ino, st.st_mtime_ns, host)
+                else:
+                    Path(e.path).unlink(missing_ok=True)
+                    self._known.pop(e.name, None)
+        for name in set(self._known) - seen:
+            del self._known[name]
         return out
 
     def write(self, put: Mapping[str, DhcpHost], delete: frozenset[str] | set[str]) -> None:
         for mac in delete:
             (self.dir / _host_file(mac)).unlink(missing_ok=True)
+            self._known.pop(_host_file(mac), None)
         for mac, host in put.items():
-            tmp = self.tmp / _host_file(mac)
+            name = _host_file(mac)
+            tmp = self.tmp / name
             tmp.write_text(host.line())
             tmp.chmod(0o644)
-            os.replace(tmp, self.dir / _host_file(mac))
+            os.replace(tmp, self.dir / name)
+            st = (self.dir / name).stat()
+            self._known[name] = (st.st_ino, st.st_mtime_ns, host)
 
 
 def _start_time(pid: int) -> str | None:
