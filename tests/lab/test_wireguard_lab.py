@@ -45,10 +45,9 @@ def dom0_wan_mac(lab: Lab) -> str:
 
 
 @contextmanager
-def leaks(lab: Lab, tag: str) -> Iterator[list[str]]:
-    """Packets leaving dom0's WAN that are not the tunnel (filled on exit)."""
-    mac = dom0_wan_mac(lab)
-    bpf = f"ether src {mac} and not arp and not (udp and dst host {ENDPOINT} and dst port 51820)"
+def captured(lab: Lab, tag: str, what: str) -> Iterator[list[str]]:
+    """Packets dom0 sends out of its WAN matching `what` (filled on exit)."""
+    bpf = f"ether src {dom0_wan_mac(lab)} and {what}"
     seen: list[str] = []
     cap = Capture(lab, lab.wan_ns, topology.WAN_PORT_DOM0, bpf, tag).start()
     try:
@@ -57,16 +56,16 @@ def leaks(lab: Lab, tag: str) -> Iterator[list[str]]:
         seen.extend(cap.stop())
 
 
-@contextmanager
-def tunnel_packets(lab: Lab, tag: str) -> Iterator[list[str]]:
-    mac = dom0_wan_mac(lab)
-    bpf = f"ether src {mac} and udp and dst host {ENDPOINT} and dst port 51820"
-    seen: list[str] = []
-    cap = Capture(lab, lab.wan_ns, topology.WAN_PORT_DOM0, bpf, tag).start()
-    try:
-        yield seen
-    finally:
-        seen.extend(cap.stop())
+TUNNEL = f"udp and dst host {ENDPOINT} and dst port 51820"
+
+
+def leaks(lab: Lab, tag: str) -> Any:
+    """Everything leaving that is neither ARP nor the tunnel's UDP to the VPN endpoint."""
+    return captured(lab, tag, f"not arp and not ({TUNNEL})")
+
+
+def tunnel_packets(lab: Lab, tag: str) -> Any:
+    return captured(lab, tag, TUNNEL)
 
 
 def dom0_probe(lab: Lab, url: str, timeout: float = 1.5) -> subprocess.CompletedProcess[str]:
