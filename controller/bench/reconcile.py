@@ -14,16 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import secrets
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from controller.bench.common import machine_info, parse_sizes, summary
 from controller.core import inventory as inv
 from controller.core.plan import flatten
 from controller.policy.load import parse_policy
@@ -53,41 +52,6 @@ def _mac(i: int) -> str:
 
 def _port(i: int) -> inv.Link:
     return inv.Link(BRIDGE_INDEX + 1 + i, f"vnet{i}", "tun", BRIDGE_INDEX, True, None)
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[k]
-
-
-def _summary(values: list[float]) -> dict:
-    ms = [v * 1000 for v in values]
-    return {
-        "runs": len(ms),
-        "median_ms": round(statistics.median(ms), 3),
-        "p99_ms": round(_pct(ms, 0.99), 3),
-        "min_ms": round(min(ms), 3),
-    }
-
-
-def machine_info() -> dict:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    nft = subprocess.run(["nft", "--version"], capture_output=True, text=True, check=False)
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "nftables": nft.stdout.strip(),
-    }
 
 
 def measure(size: int, runs: int, rebuilds: int, work: Path) -> dict:
@@ -139,9 +103,9 @@ def measure(size: int, runs: int, rebuilds: int, work: Path) -> dict:
         nft_only.append(time.perf_counter() - t0)
     rec.store.close()
     return {
-        "admit": _summary(admit),
-        "rebuild": _summary(full),
-        "rebuild_nft_only": _summary(nft_only),
+        "admit": summary(admit),
+        "rebuild": summary(full),
+        "rebuild_nft_only": summary(nft_only),
     }
 
 
@@ -193,11 +157,7 @@ def table(result: dict) -> str:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    try:
-        sizes = [int(s) for s in args.sizes.split(",")]
-        if not sizes or min(sizes) < 1 or max(sizes) > 200_000:
-            raise ValueError
-    except ValueError:
+    if parse_sizes(args.sizes, at_least=1, at_most=200_000) is None:
         print(
             "dom0 bench reconcile: --sizes: expected comma-separated counts 1..200000",
             file=sys.stderr,

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from controller.bench.reconcile import _summary, machine_info
+from controller.bench.common import machine_info, parse_sizes, summary
 from controller.drivers.wireguard import keys
 
 PY = sys.executable
@@ -115,7 +115,7 @@ def peers_and_first_packet(sizes: list[int], runs: int) -> dict:
                 key = keys.to_base64(keys.PrivateKey.generate().public)
                 times.append(hub.ask(op="add", key=key, allowed="10.98.0.1/32")["seconds"])
                 hub.ask(op="remove", key=key)
-            add[str(n)] = _summary(times)
+            add[str(n)] = summary(times)
         first = []
         for _ in range(max(5, runs // 10)):
             pub = client.ask(op="setup", hub=hub.first["public_key"], endpoint="172.31.0.1:51821")
@@ -124,7 +124,7 @@ def peers_and_first_packet(sizes: list[int], runs: int) -> dict:
             hub.ask(op="remove", key=pub["public_key"])
             if got is not None:
                 first.append(got)
-        return {"add_peer": add, "first_packet": _summary(first) if first else None}
+        return {"add_peer": add, "first_packet": summary(first) if first else None}
     finally:
         for w in workers:
             w.close()
@@ -192,11 +192,8 @@ def table(result: dict) -> str:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    try:
-        sizes = [int(s) for s in args.sizes.split(",")]
-        if len(sizes) < 2 or min(sizes) < 1 or max(sizes) > 20_000:
-            raise ValueError
-    except ValueError:
+    sizes = parse_sizes(args.sizes, at_least=2, at_most=20_000)
+    if sizes is None:
         print(
             "dom0 bench wireguard: --sizes: expected two or more counts 1..20000", file=sys.stderr
         )
