@@ -95,7 +95,8 @@ def format_status(reply: dict) -> str:
     lines = [
         f"policy {reply.get('policy')}  bridge {reply.get('bridge')}  "
         f"machines {len(machines)}  reconciles {reply.get('stats', {}).get('reconciles')}  "
-        f"errors {reply.get('stats', {}).get('errors')}"
+        f"errors {reply.get('stats', {}).get('errors')}  "
+        f"refusals {reply.get('stats', {}).get('refusals', 0)}"
     ]
     if reply.get("last_policy_error"):
         lines.append(f"policy reload refused: {reply['last_policy_error']}")

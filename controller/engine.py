@@ -37,6 +37,7 @@ from controller.drivers.wireguard import WireGuard, detect, keys
 from controller.policy.load import PolicyError, load_or_report, load_policy
 from controller.policy.model import Policy
 from controller.reconcile import Reconciler
+from controller.sources import leases
 
 log = logging.getLogger("dom0")
 
@@ -81,6 +82,7 @@ class Controller:
             nursery.start_soon(self._signals, nursery.cancel_scope)
             nursery.start_soon(self.dnsmasq.run)
             await nursery.start(NetlinkSource().run, self.send.clone())
+            await nursery.start(leases.watch, self.dnsmasq.hosts.root / "leases", self.send.clone())
             nursery.start_soon(self._loop)
             nursery.start_soon(self._watch_policy)
             await nursery.start(control.serve, self.state_dir, self._handle)
@@ -177,6 +179,7 @@ class Controller:
                     "syncs": s.syncs,
                     "rebuilds": s.rebuilds,
                     "errors": s.errors,
+                    "refusals": s.refusals,
                     "last_error": s.last_error,
                     "uptime": round(time.time() - s.started, 1),
                 },
@@ -213,7 +216,7 @@ class Controller:
             }
         if rec.tunnels is None:
             return {"ok": False, "error": "this controller runs without WireGuard"}
-        private = keys.load(machine_key_path(self.state_dir, a.mac))
+        private = keys.load(machine_key_path(self.state_dir, a.key_id))
         hub_key = rec.tunnels.hub_public_key(rec.applied_policy.hub)  # type: ignore[union-attr]
         fqdn = fqdn_of(rec.policy, a)
         endpoint = f"{hub.gateway}:{hub.listen_port}"

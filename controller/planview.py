@@ -18,6 +18,7 @@ from controller.core import inventory as inv
 from controller.core.allocation import Ledger
 from controller.core.decide import decide, decide_order
 from controller.core.desired import fqdn_of, policy_state
+from controller.core.leases import parse_leases
 from controller.core.plan import EMPTY, Flat, flatten, plan, with_machines
 from controller.drivers.tunnels import machine_public_key
 from controller.policy.load import load_or_report
@@ -60,6 +61,11 @@ def plan_command(policy_file: str, state_dir: str, *, as_json: bool = False) -> 
     tables = trio.run(_snapshot)
     inventory = inv.inventory(tables, policy.bridge)
     now = int(time.time())
+    try:
+        text = (Path(state_dir) / "dhcp" / "leases").read_text(errors="replace")
+    except OSError:
+        text = ""
+    leased = parse_leases(text, now).by_mac
     machines = {}
     decisions = []
     for mac in decide_order(ledger, set(inventory.sightings) | set(ledger.by_mac)):
@@ -69,7 +75,8 @@ def plan_command(policy_file: str, state_dir: str, *, as_json: bool = False) -> 
             ledger,
             mac,
             now,
-            lambda m: machine_public_key(Path(state_dir), m, create=False),
+            lambda key: machine_public_key(Path(state_dir), key, create=False),
+            leased,
         )
         if out.state is not None:
             machines[mac] = out.state

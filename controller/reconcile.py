@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from controller.core import inventory as inv
 from controller.core.allocation import Allocation, Ledger
 from controller.core.decide import Outcome, decide, decide_order
 from controller.core.desired import (
+    PORT_MAC,
     HubPeer,
     KillSwitch,
     MachineState,
@@ -31,6 +33,7 @@ from controller.core.desired import (
     fqdn_of,
     policy_state,
 )
+from controller.core.leases import Leases
 from controller.core.plan import Plan, flatten, host_diff, plan_machines, set_diff
 from controller.drivers.addresses import AddressError, Addresses
 from controller.drivers.dhcp import Dnsmasq, HostsDir
@@ -55,6 +58,7 @@ class Machine:
     state: str  # admitted | quarantined | refused | absent
     reason: str | None = None
     underlay: str | None = None  # hub machines: the bridge address their tunnel uses
+    confirmed: bool = False  # has held its DHCP lease (established; see core.decide)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -66,9 +70,44 @@ class Stats:
     syncs: int = 0
     rebuilds: int = 0
     errors: int = 0
+    refusals: int = 0  # MACs refused (port security, full pools), counted per decision
     last_error: str | None = None
     last_reconcile: float | None = None
     started: float = field(default_factory=time.time)
+
+
+class LogBudget:
+    """At most `lines` log lines per `window` seconds for one kind of news
+    (input a guest controls must not fill the log); the rest is counted and
+    summed up in one line when the next window opens."""
+
+    def __init__(self, lines: int, window: float, clock: Callable[[], float]) -> None:
+        self.lines = lines
+        self.window = window
+        self.clock = clock
+        self.start = clock()
+        self.used = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = self.clock()
+        if now - self.start >= self.window:
+            if self.suppressed:
+                log.warning(
+                    "%d more refusals in the last %.0f s were not logged (see dom0 status)",
+                    self.suppressed,
+                    now - self.start,
+                )
+            self.start, self.used, self.suppressed = now, 0, 0
+        if self.used < self.lines:
+            self.used += 1
+            return True
+        self.suppressed += 1
+        return False
+
+
+REFUSED_KEPT = 1000  # refused MACs remembered (to count and log each once); status shows 100
+REFUSED_SHOWN = 100
 
 
 class Reconciler:
@@ -96,8 +135,12 @@ class Reconciler:
         self.tables = inv.EMPTY
         self.inventory = inv.inventory(self.tables, policy.bridge)
         self.applied: dict[str, MachineState] = {}
+        self.applied_ports: dict[str, set[str]] = {}  # port -> MACs applied on it
         self.applied_policy: PolicyState | None = None
-        self.refused: dict[str, str] = {}
+        # MAC -> (why, port): the latest refusals, bounded (a flood brings thousands)
+        self.refused: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+        self.refusal_log = LogBudget(10, 60.0, clock)
+        self.leased: dict[str, str] = {}
         self.dirty: set[str] = set()
         self.dirty_all = True  # the first reconcile is a full sync
         self.force_rebuild = False
@@ -108,6 +151,9 @@ class Reconciler:
         """Fold one source event in and mark what it may have changed.
 
         O(machines touched), not O(machines): this runs for every event."""
+        if isinstance(event, Leases):
+            self._leases(event)
+            return
         before = self.tables
         self.tables = inv.fold(before, event)
         if isinstance(event, inv.Snapshot):
@@ -158,6 +204,14 @@ class Reconciler:
             self.dirty.update(inv.macs_on(self.tables, link.index))
             self.dirty.update(inv.macs_on(before, link.index))
 
+    def _leases(self, event: Leases) -> None:
+        """A lease confirms its machine (see core.decide): only those matter."""
+        for mac, address in event.by_mac.items():
+            a = self.ledger.get(mac)
+            if self.leased.get(mac) != address and a is not None and not a.confirmed:
+                self.dirty.add(mac)
+        self.leased = dict(event.by_mac)
+
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
         self.dirty_all = True
@@ -167,17 +221,30 @@ class Reconciler:
         return self.dirty_all or bool(self.dirty) or self.force_rebuild
 
     # -- deciding --------------------------------------------------------------
-    def _key(self, mac: str) -> str:
-        return machine_public_key(self.state_dir, mac)
+    def _key(self, key_id: str) -> str:
+        return machine_public_key(self.state_dir, key_id)
 
     def _decide(self, mac: str, now: int) -> Outcome:
-        out = decide(self.policy, self.inventory, self.ledger, mac, now, self._key)
+        out = decide(self.policy, self.inventory, self.ledger, mac, now, self._key, self.leased)
         if out.refused:
-            if self.refused.get(mac) != out.refused:
-                log.error("machine %s: %s; it gets nothing", mac, out.refused)
-            self.refused[mac] = out.refused
+            if self.refused.get(mac, (None,))[0] != out.refused:
+                self.stats.refusals += 1
+                if self.refusal_log.allow():
+                    log.warning("machine %s refused: %s; it gets nothing", mac, out.refused)
+            self.refused[mac] = (out.refused, out.refused_port)
+            self.refused.move_to_end(mac)
+            while len(self.refused) > REFUSED_KEPT:
+                self.refused.popitem(last=False)
         else:
             self.refused.pop(mac, None)
+        if out.took_over is not None:
+            log.info(
+                "machine %s on %s carries on as %s (was %s: same port, same rule)",
+                mac,
+                out.took_over.port,
+                fqdn_of(self.policy, out.took_over),
+                out.took_over.mac,
+            )
         if out.spoof:
             log.warning(
                 "machine %s seen on port %s but bound to another port: ignored", mac, out.spoof
@@ -192,7 +259,12 @@ class Reconciler:
                 a.address or "(no address)",
             )
         for r in out.released:
-            log.info("released %s/%d (%s) of absent machine %s", r.rule, r.slot, r.address, r.mac)
+            if out.took_over is not None and r.mac == out.took_over.mac:
+                continue
+            why = "absent" if r.confirmed else "gone before it ever held its lease"
+            log.info(
+                "released %s/%d (%s) of machine %s (%s)", r.rule, r.slot, r.address, r.mac, why
+            )
         return out
 
     # -- applying --------------------------------------------------------------
@@ -209,14 +281,24 @@ class Reconciler:
         puts: list[Allocation] = []
         removed: list[str] = []
         desired: dict[str, MachineState | None] = {}
-        for mac in dirty:
-            out = self._decide(mac, now)
-            puts += out.put
-            removed += [r.mac for r in out.released]
-            desired[mac] = out.state
-        for mac in removed:
-            desired[mac] = None
-        self.store.commit_allocations(puts, removed)
+        done_ports: set[str] = set()
+        while dirty:
+            for mac in dirty:
+                out = self._decide(mac, now)
+                puts += out.put
+                removed += [r.mac for r in out.released]
+                desired[mac] = out.state
+            for mac in removed:
+                desired[mac] = None
+            # Machines of one port share its elements: decide the port's
+            # other machines too, so that the difference of unions is exact.
+            ports = {p for mac in dirty for p in self._ports_of(mac, desired.get(mac))}
+            ports -= done_ports
+            done_ports |= ports
+            dirty = {
+                m for p in ports for m in self.ledger.on_port(p) | self.applied_ports.get(p, set())
+            } - set(desired)
+        self._commit(puts, removed)
         applied = {mac: self.applied.get(mac) for mac in desired}
         p = plan_machines(desired, applied)
         if p.empty:
@@ -235,16 +317,40 @@ class Reconciler:
                 except Exception as e:
                     self._failed(f"hub peers: {e}")
         for mac, state in desired.items():
-            if state is None:
-                self.applied.pop(mac, None)
-            else:
-                self.applied[mac] = state
+            self._set_applied(mac, state)
         self.store.commit_applied_machines(desired)
+
+    def _commit(self, puts: list[Allocation], removed: list[str]) -> None:
+        """Into the store, what the ledger now holds for every MAC decided
+        (a MAC may have been put, then taken over, in one batch)."""
+        touched = dict.fromkeys([a.mac for a in puts] + removed)
+        now = [self.ledger.get(m) for m in touched]
+        self.store.commit_allocations(
+            [a for a in now if a is not None], [m for m in touched if self.ledger.get(m) is None]
+        )
+
+    def _ports_of(self, mac: str, state: MachineState | None) -> set[str]:
+        out = {port for port, _mac in (state.elements.get(PORT_MAC, ()) if state else ())}
+        applied = self.applied.get(mac)
+        if applied is not None:
+            out |= {port for port, _mac in applied.elements.get(PORT_MAC, ())}
+        return out
+
+    def _set_applied(self, mac: str, state: MachineState | None) -> None:
+        old = self.applied.pop(mac, None)
+        for port, _mac in old.elements.get(PORT_MAC, ()) if old is not None else ():
+            macs = self.applied_ports.get(port)
+            if macs is not None:
+                macs.discard(mac)
+                if not macs:
+                    del self.applied_ports[port]
+        if state is not None:
+            self.applied[mac] = state
+            for port, _mac in state.elements.get(PORT_MAC, ()):
+                self.applied_ports.setdefault(port, set()).add(mac)
 
     def _apply_hosts(self, p: Plan) -> None:
         self.hosts.write(p.hosts_put, p.hosts_del)
-        if p.hosts_changed and self.dnsmasq is not None:
-            self.dnsmasq.reload_hosts()
 
     def _failed(self, what: str) -> None:
         self.stats.errors += 1
@@ -267,7 +373,7 @@ class Reconciler:
                 machines[mac] = out.state
         for mac in removed:
             machines.pop(mac, None)
-        self.store.commit_allocations(puts, removed)
+        self._commit(puts, removed)
         return policy_state(self.policy, self.inventory.foreign_ports), machines
 
     def early(self) -> None:
@@ -348,8 +454,8 @@ class Reconciler:
             self.stats.errors += 1
             self.stats.last_error = f"hub peers: {e}"
             log.error("hub peers: %s (retrying at the next sync)", e)
-        put, gone, changed = host_diff(desired.hosts, self.hosts.read())
-        self._apply_hosts(Plan(hosts_put=put, hosts_del=gone, hosts_changed=changed))
+        put, gone = host_diff(desired.hosts, self.hosts.read())
+        self._apply_hosts(Plan(hosts_put=put, hosts_del=gone))
         if self.dnsmasq is not None and self.inventory.bridge_index is not None:
             self.dnsmasq.configure(pstate.dhcp)
         self._record_applied(pstate, machines)
@@ -369,7 +475,10 @@ class Reconciler:
                 self.store.commit_applied_machines(changes)
             if pstate != self.applied_policy:
                 self.store.commit_applied_policy(flatten(pstate, ()))
-        self.applied = dict(machines)
+        self.applied = {}
+        self.applied_ports = {}
+        for mac, m in machines.items():
+            self._set_applied(mac, m)
         self.applied_policy = pstate
 
     def _addresses(self, pstate: PolicyState) -> None:
@@ -405,22 +514,14 @@ class Reconciler:
 
     def machines(self) -> list[Machine]:
         out: list[Machine] = []
-        for mac in sorted(set(self.ledger.by_mac) | set(self.refused)):
-            a = self.ledger.get(mac)
+        shown = list(self.refused)[-REFUSED_SHOWN:]
+        for mac in shown:
+            why, port = self.refused[mac]
+            out.append(Machine(mac, port, None, None, None, None, "refused", why))
+        for mac in sorted(self.ledger.by_mac):
             if mac in self.refused:
-                out.append(
-                    Machine(
-                        mac,
-                        self.inventory.sightings.get(mac),
-                        None,
-                        None,
-                        None,
-                        None,
-                        "refused",
-                        self.refused[mac],
-                    )
-                )
                 continue
+            a = self.ledger.get(mac)
             assert a is not None
             quarantined = a.rule == QUARANTINE
             state = (
@@ -438,6 +539,7 @@ class Reconciler:
                     address=a.address,
                     state=state,
                     underlay=a.underlay,
+                    confirmed=a.confirmed,
                 )
             )
         return out

@@ -27,8 +27,9 @@ from controller.core.desired import (
     UplinkState,
 )
 from controller.core.plan import EMPTY, Flat
+from controller.policy.model import Limits
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS allocations (
@@ -40,6 +41,9 @@ CREATE TABLE IF NOT EXISTS allocations (
     port TEXT NOT NULL,
     absent_since INTEGER,
     underlay TEXT UNIQUE,
+    port_index INTEGER,
+    confirmed INTEGER NOT NULL DEFAULT 0,
+    origin TEXT,
     UNIQUE (rule, slot),
     UNIQUE (domain, address)
 );
@@ -53,6 +57,15 @@ _MIGRATIONS = {
     CREATE UNIQUE INDEX allocations_underlay ON allocations (underlay);
     DROP TABLE applied_machines;  -- a record of what was applied: the next sync rewrites it
     CREATE TABLE applied_machines (mac TEXT PRIMARY KEY, state TEXT NOT NULL);
+    DELETE FROM applied_policy;
+    """,
+    # Port security: a port is identified by its ifindex too; machines that
+    # held their lease are established (those already stored have served).
+    2: """
+    ALTER TABLE allocations ADD COLUMN port_index INTEGER;
+    ALTER TABLE allocations ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE allocations ADD COLUMN origin TEXT;
+    UPDATE allocations SET confirmed = 1;
     DELETE FROM applied_policy;
     """,
 }
@@ -109,9 +122,10 @@ class Store:
     # -- allocations -------------------------------------------------------------
     def allocations(self) -> list[Allocation]:
         rows = self.db.execute(
-            "SELECT mac, rule, slot, domain, address, port, absent_since, underlay FROM allocations"
+            "SELECT mac, rule, slot, domain, address, port, absent_since, underlay, "
+            "port_index, confirmed, origin FROM allocations"
         )
-        return [Allocation(*row) for row in rows]
+        return [Allocation(*row[:9], bool(row[9]), row[10]) for row in rows]
 
     def commit_allocations(self, put: Iterable[Allocation], remove: Iterable[str] = ()) -> None:
         """One transaction: removals first, so a slot or an address can pass
@@ -119,12 +133,26 @@ class Store:
         with _transaction(self.db):
             self.db.executemany("DELETE FROM allocations WHERE mac=?", [(m,) for m in remove])
             self.db.executemany(
-                "INSERT INTO allocations VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(mac) DO UPDATE SET "
-                "rule=excluded.rule, slot=excluded.slot, domain=excluded.domain, "
+                "INSERT INTO allocations VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(mac) DO UPDATE "
+                "SET rule=excluded.rule, slot=excluded.slot, domain=excluded.domain, "
                 "address=excluded.address, port=excluded.port, "
-                "absent_since=excluded.absent_since, underlay=excluded.underlay",
+                "absent_since=excluded.absent_since, underlay=excluded.underlay, "
+                "port_index=excluded.port_index, confirmed=excluded.confirmed, "
+                "origin=excluded.origin",
                 [
-                    (a.mac, a.rule, a.slot, a.domain, a.address, a.port, a.absent_since, a.underlay)
+                    (
+                        a.mac,
+                        a.rule,
+                        a.slot,
+                        a.domain,
+                        a.address,
+                        a.port,
+                        a.absent_since,
+                        a.underlay,
+                        a.port_index,
+                        int(a.confirmed),
+                        a.origin,
+                    )
                     for a in put
                 ],
             )
@@ -185,8 +213,11 @@ class Store:
                 return None
             return cls(**{k: tuple(w) if isinstance(w, list) else w for k, w in x.items()})
 
+        shape = v["shape"]
+        if shape is not None:
+            shape = Shape(**{**shape, "limits": Limits(**shape.get("limits", {}))})
         return Flat(
-            shape=opt(Shape, v["shape"]),  # type: ignore[arg-type]
+            shape=shape,
             sets={
                 tuple(k.split("/", 1)): frozenset(tuple(e) for e in elems)  # type: ignore[misc]
                 for k, elems in v["sets"].items()

@@ -33,6 +33,15 @@ class Allocation:
     port: str  # the bridge port the MAC is bound to
     absent_since: int | None = None  # unix time the machine was last seen leaving
     underlay: str | None = None  # hub domains: its bridge address (tunnel UDP, DHCP)
+    port_index: int | None = None  # the port's ifindex: a re-created port is another port
+    confirmed: bool = False  # has held its DHCP lease: an established machine
+    origin: str | None = None  # the MAC it was first allocated for (its tunnel key's name)
+
+    @property
+    def key_id(self) -> str:
+        """Names the machine's tunnel key: its identity, which follows the
+        slot when a guest changes its MAC within its rule."""
+        return self.origin or self.mac
 
     def released(self, now: int, release_after: int) -> bool:
         return self.absent_since is not None and now - self.absent_since >= release_after
@@ -225,7 +234,13 @@ def fits(current: Allocation, t: Target) -> bool:
 
 
 def assign(
-    ledger: Ledger, t: Target, mac: str, port: str, now: int, release_after: int
+    ledger: Ledger,
+    t: Target,
+    mac: str,
+    port: str,
+    now: int,
+    release_after: int,
+    port_index: int | None = None,
 ) -> Decision:
     """Decide, and record in the ledger, the allocation `mac` holds under `t`.
 
@@ -235,7 +250,7 @@ def assign(
     PoolExhausted the ledger is left as it was."""
     current = ledger.get(mac)
     if current is not None and fits(current, t):
-        updated = replace(current, port=port, absent_since=None)
+        updated = replace(current, port=port, port_index=port_index, absent_since=None)
         if updated != current:
             ledger.put(updated)
         return Decision(updated, changed=updated != current)
@@ -268,6 +283,18 @@ def assign(
             raise PoolExhausted(f"pool {t.pool if address is None else t.underlay} is full")
         ledger.remove(victim.mac)
         released.append(victim)
-    allocation = Allocation(mac, t.rule, slot, t.domain, address, port, None, underlay)
+    allocation = Allocation(
+        mac,
+        t.rule,
+        slot,
+        t.domain,
+        address,
+        port,
+        None,
+        underlay,
+        port_index,
+        confirmed=current.confirmed if current is not None else False,
+        origin=current.origin if current is not None else None,
+    )
     ledger.put(allocation)
     return Decision(allocation, tuple(released))

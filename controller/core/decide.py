@@ -2,11 +2,29 @@
 
 Pure functions over the inventory and an in-memory ledger (which `decide`
 updates: it is the controller's, or a throw-away copy for `dom0 plan`).
+
+Identity belongs to the port and the rule, not to a MAC the guest picks
+(port security, as switches do it):
+
+- A port holds at most `policy.port_limit(rule)` machines (by default one: a
+  libvirt NIC has one MAC), all of one domain. A MAC beyond that is refused
+  and takes nothing: no slot, no address, no name.
+- A new MAC on a full port that matches the rule of one of the port's
+  machines *is* that machine: the slot, name, address and tunnel key follow
+  it (guests that randomize their MAC keep their identity). One that matches
+  another rule, or another domain, is refused: it never re-matches into
+  another domain.
+- A machine is present while the bridge has learned its MAC on its bound
+  port, or, once it has held its DHCP lease (`confirmed`), while that port
+  exists (an idle VM whose FDB entry aged out is still there). A machine
+  that never confirmed is absent as soon as the FDB forgets it (the ageing
+  time) and is released at once: a MAC that sent one frame holds nothing for
+  long.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from controller.core.allocation import Allocation, Ledger, PoolExhausted, assign, target_for
@@ -19,26 +37,44 @@ from controller.policy.model import Policy
 @dataclass(frozen=True, slots=True)
 class Outcome:
     put: tuple[Allocation, ...] = ()  # allocations to commit
-    released: tuple[Allocation, ...] = ()  # allocations given up to make room
+    released: tuple[Allocation, ...] = ()  # allocations given up (to make room, or gone)
     state: MachineState | None = None  # what the data plane should hold for it
     refused: str | None = None  # why it gets nothing although present
+    refused_port: str | None = None  # the port it was refused on
     spoof: str | None = None  # the port a bound MAC was also seen on
     new: bool = False  # newly admitted or moved to another address
+    took_over: Allocation | None = None  # the port's machine whose identity it now carries
+
+
+def _on_bound_port(inventory: Inventory, a: Allocation) -> bool:
+    port = inventory.ports.get(a.port)
+    return port is not None and (a.port_index is None or port.index == a.port_index)
 
 
 def presence(inventory: Inventory, ledger: Ledger, mac: str) -> tuple[str | None, str | None]:
-    """(the port a machine is on or None if gone, a port it was spoofed on).
-
-    Present while the bridge has learned its MAC, or while the port it is
-    bound to still exists (an idle VM whose FDB entry aged out is still
-    there). A MAC seen on another port while its bound port still exists is
-    a spoof, not a move: the binding stays."""
+    """(the port a machine is on or None if gone, a port it was spoofed on)."""
     seen = inventory.sightings.get(mac)
     current = ledger.get(mac)
-    bound = current.port if current and current.absent_since is None else None
-    if bound is not None and bound in inventory.ports:
-        return bound, (seen if seen is not None and seen != bound else None)
+    if current is not None and current.absent_since is None and _on_bound_port(inventory, current):
+        bound = current.port
+        if seen == bound:
+            return bound, None
+        if seen is not None:
+            # seen on another port while its own port still exists: a spoof,
+            # not a move; the binding stays
+            return bound, seen
+        return (bound, None) if current.confirmed else (None, None)
     return seen, None
+
+
+def holders(inventory: Inventory, ledger: Ledger, port: str, but: str) -> list[Allocation]:
+    """The machines present on `port` now, other than `but`."""
+    out = []
+    for mac in ledger.on_port(port):
+        a = ledger.get(mac)
+        if mac != but and a is not None and presence(inventory, ledger, mac)[0] == port:
+            out.append(a)
+    return sorted(out, key=lambda a: (a.rule, a.slot))
 
 
 def decide(
@@ -47,35 +83,118 @@ def decide(
     ledger: Ledger,
     mac: str,
     now: int,
-    public_key: Callable[[str], str | None] = lambda _mac: None,
+    public_key: Callable[[str], str | None] = lambda _key: None,
+    leased: Mapping[str, str] | None = None,
 ) -> Outcome:
-    """What `mac` gets now. `public_key(mac)` is its hub tunnel's key (only
-    asked for machines of hub domains)."""
+    """What `mac` gets now. `public_key(key_id)` is a hub machine's tunnel
+    key; `leased` maps MACs to the address their DHCP lease holds."""
     port, spoof = presence(inventory, ledger, mac)
     current = ledger.get(mac)
     if port is None:
-        if current is not None and current.absent_since is None:
-            gone = replace(current, absent_since=now)
-            ledger.put(gone)
-            return Outcome(put=(gone,))
-        return Outcome()
+        if current is None or current.absent_since is not None:
+            return Outcome()
+        if not current.confirmed:
+            ledger.remove(mac)  # never established: nothing to keep
+            return Outcome(released=(current,))
+        gone = replace(current, absent_since=now)
+        ledger.put(gone)
+        return Outcome(put=(gone,))
     rule = match_rule(policy, mac, policy.bridge, port)
     target = target_for(policy, rule.name if rule else None)
+    link = inventory.ports.get(port)
+    index = link.index if link is not None else None
+    arriving = current is None or current.absent_since is not None or current.port != port
+    released: tuple[Allocation, ...] = ()
+    took_over = None
+    if arriving:
+        others = holders(inventory, ledger, port, mac)
+        foreign = [h for h in others if h.domain != target.domain]
+        limit = policy.port_limit(rule)
+        if foreign:
+            return _refuse(
+                ledger,
+                current,
+                now,
+                port,
+                f"port {port} belongs to domain {foreign[0].domain!r} and this MAC matches "
+                f"{target.domain!r}: one port, one domain",
+            )
+        if len(others) >= limit:
+            # The port's machine with a new MAC, if this MAC came later than
+            # that machine's (the bridge has forgotten it, or learned this one
+            # after it): stable whatever the order of decisions.
+            mine = inventory.learned.get(mac)
+            same = [
+                h
+                for h in others
+                if h.rule == target.rule
+                and (
+                    inventory.sightings.get(h.mac) != port
+                    or (mine is not None and mine > inventory.learned.get(h.mac, mine))
+                )
+            ]
+            if not same:
+                return _refuse(
+                    ledger,
+                    current,
+                    now,
+                    port,
+                    f"port {port} already holds its limit of {limit} machine(s) "
+                    f"({', '.join(h.mac for h in others[:3])})",
+                )
+            victim = min(same, key=lambda h: (inventory.sightings.get(h.mac) == port, h.slot))
+            ledger.remove(victim.mac)
+            if current is not None:
+                ledger.remove(mac)
+            took_over = replace(
+                victim,
+                mac=mac,
+                port=port,
+                port_index=index,
+                absent_since=None,
+                origin=victim.key_id,
+            )
+            ledger.put(took_over)
+            released = (victim,)
+            current = None
     try:
-        d = assign(ledger, target, mac, port, now, policy.release_after)
+        d = assign(ledger, target, mac, port, now, policy.release_after, index)
     except PoolExhausted as e:
-        return Outcome(refused=e.what)
+        return Outcome(refused=e.what, refused_port=port)
+    allocation = d.allocation
+    changed = d.changed or took_over is not None
+    bridge_address = allocation.underlay or allocation.address
+    if (
+        not allocation.confirmed
+        and leased is not None
+        and bridge_address is not None
+        and leased.get(mac) == bridge_address
+    ):
+        allocation = replace(allocation, confirmed=True)
+        ledger.put(allocation)
+        changed = True
     return Outcome(
-        put=(d.allocation,) if d.changed else (),
-        released=d.released,
+        put=(allocation,) if changed else (),
+        released=released + d.released,
         state=machine_state(
             policy,
-            d.allocation,
-            public_key(mac) if d.allocation.underlay is not None else None,
+            allocation,
+            public_key(allocation.key_id) if allocation.underlay is not None else None,
         ),
         spoof=spoof,
-        new=current is None or current.address != d.allocation.address,
+        new=current is None or current.address != allocation.address,
+        took_over=released[0] if released else None,
     )
+
+
+def _refuse(ledger: Ledger, current: Allocation | None, now: int, port: str, why: str) -> Outcome:
+    """Refused on `port`. A machine that held an allocation elsewhere is not
+    there any more (presence said so): it becomes absent, nothing else."""
+    if current is not None and current.absent_since is None:
+        gone = replace(current, absent_since=now)
+        ledger.put(gone)
+        return Outcome(put=(gone,), refused=why, refused_port=port)
+    return Outcome(refused=why, refused_port=port)
 
 
 def decide_order(ledger: Ledger, macs: set[str]) -> list[str]:

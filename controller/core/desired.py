@@ -14,25 +14,37 @@ from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Network, ip_interface
 
 from controller.core.allocation import Allocation
-from controller.policy.model import QUARANTINE, SERVICES, Policy
+from controller.policy.model import QUARANTINE, SERVICES, Limits, Policy
 
 # (table family, set name). The tables are dom0's own: `bridge dom0` polices
 # frames between bridge ports (stateless, MAC/IP bindings); `inet dom0`
 # polices what is routed or delivered to dom0 (stateful, per domain).
-PORT_MAC = ("bridge", "port_mac")  # ifname . ether_addr
-BINDING = ("bridge", "binding")  # ifname . ether_addr . ipv4_addr
+# Per machine:
+PORT_MAC = ("bridge", "port_mac")  # ifname . ether_addr: the machine on its port
+BINDING = ("bridge", "binding")  # ifname . ether_addr . ipv4_addr: its bridge address
+DHCP_CLIENT = ("bridge", "dhcp_client")  # ifname . ether_addr . chaddr: DHCP for itself only
+DHCP_REPLY = ("bridge", "dhcp_reply")  # ifname . chaddr: where a DHCP reply may go
+SELF4 = ("inet", "self4")  # ipv4_addr . ipv4_addr: (a, a) for each of its addresses
+# Per port (shared by the machines of one port, which are of one domain):
+PORT_ZONE = ("bridge", "port_zone")  # ifname . ipv4_addr (interval): the port's domain pool
+# Per policy:
 EXEMPT = ("bridge", "exempt_ports")  # ifname
 PEERS = ("bridge", "peers")  # ipv4_addr . ipv4_addr (interval): direct L2 allowed
+DHCP_SERVER = ("bridge", "dhcp_server")  # ipv4_addr: where DHCP client messages may go
 REACH = ("inet", "reach")  # ipv4_addr . ipv4_addr (interval): may open connections
 EGRESS = ("inet", "egress")  # ipv4_addr (interval): may reach the internet
-SERVICE = ("inet", "services")  # ipv4_addr . inet_proto . inet_service (interval)
-ICMP = ("inet", "icmp")  # ipv4_addr (interval): may ping dom0
+# pool . dom0's address in that pool (the domain's gateway) . protocol . port
+SERVICE = ("inet", "services")
+ICMP = ("inet", "ping")  # pool . gateway: may ping dom0 there
 SSH4 = ("inet", "ssh4")  # ipv4_addr (interval): may reach dom0's sshd (host.ssh_from)
 SSH6 = ("inet", "ssh6")  # ipv6_addr (interval)
 
-MACHINE_SETS = (PORT_MAC, BINDING)
-POLICY_SETS = (EXEMPT, PEERS, REACH, EGRESS, SERVICE, ICMP, SSH4, SSH6)
+MACHINE_SETS = (PORT_MAC, BINDING, DHCP_CLIENT, DHCP_REPLY, SELF4, PORT_ZONE)
+POLICY_SETS = (EXEMPT, PEERS, DHCP_SERVER, REACH, EGRESS, SERVICE, ICMP, SSH4, SSH6)
 ALL_SETS = MACHINE_SETS + POLICY_SETS
+# Elements machines on one port may share: the incremental path always takes
+# a port's machines together, so that a difference of unions stays exact.
+PORT_SETS = (PORT_ZONE,)
 
 Element = tuple[str, ...]
 Address = tuple[str, str]  # (interface, "a.b.c.d/len")
@@ -49,9 +61,11 @@ class Shape:
     hub: str | None = None  # the hub's WireGuard interface
     hub_port: int | None = None
     underlay: str | None = None  # the hub's bridge pool: tunnel UDP and DHCP only
+    hub_gateway: str | None = None  # dom0's address in the hub pool: the tunnels' endpoint
     ssh_port: int = 22  # dom0's own input (host.*), which it takes over from the boot baseline
     ping: bool = True
     dhcp_client: bool = True
+    limits: Limits = field(default_factory=Limits)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -127,7 +141,9 @@ class DhcpHost:
     tag: str
 
     def line(self) -> str:
-        return f"{self.mac},set:{self.tag},{self.address},{self.hostname}\n"
+        # id:*: dnsmasq keys the lease by hardware address only, never by a
+        # client-id (which a guest may copy from another machine)
+        return f"{self.mac},id:*,set:{self.tag},{self.address},{self.hostname}\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,12 +214,19 @@ def machine_state(policy: Policy, a: Allocation, public_key: str | None = None) 
     elements: dict[tuple[str, str], frozenset[Element]] = {
         PORT_MAC: frozenset({(a.port, a.mac)}),
         BINDING: frozenset(),
+        DHCP_CLIENT: frozenset({(a.port, a.mac, a.mac)}),
+        DHCP_REPLY: frozenset({(a.port, a.mac)}),
+        SELF4: frozenset((x, x) for x in {a.address, a.underlay} if x is not None),
+        PORT_ZONE: frozenset(),
     }
     dhcp = None
     if bridge_address is not None:
         elements[BINDING] = frozenset({(a.port, a.mac, bridge_address)})
         tag = f"hub-{a.domain}" if a.underlay is not None else a.domain
         dhcp = DhcpHost(a.mac, bridge_address, label_of(policy, a), tag)
+    domain = policy.domains.get(a.domain)
+    if domain is not None and domain.members_reach and a.underlay is None:
+        elements[PORT_ZONE] = frozenset({(a.port, str(domain.pool))})
     peer = None
     if a.underlay is not None and a.address is not None and public_key is not None:
         peer = HubPeer(public_key, (f"{a.address}/32",))
@@ -219,6 +242,7 @@ def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
     egress: set[Element] = set()
     services: set[Element] = set()
     icmp: set[Element] = set()
+    dhcp_server: set[Element] = {("255.255.255.255",)}
     addresses: set[Address] = set()
     ranges: list[DhcpRange] = []
     for d in domains.values():
@@ -230,6 +254,7 @@ def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
             addresses.add((hub.interface, gateway))
         else:
             addresses.add((policy.bridge, gateway))
+            dhcp_server.add((str(d.gateway),))
             ranges.append(DhcpRange(d.name, d.pool, str(d.gateway), f"{d.name}.{policy.tld}"))
             if d.members_reach:
                 peers.add((pool, pool))  # direct frames on the bridge: bridge domains only
@@ -240,19 +265,22 @@ def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
         if d.internet:
             egress.add((pool,))
         for name in d.services:
+            # only on the domain's own gateway: the rest of dom0 stays silent
             for proto, port in SERVICES[name]:
                 if proto == "icmp":
-                    icmp.add((pool,))
+                    icmp.add((pool, str(d.gateway)))
                 else:
-                    services.add((pool, proto, str(port)))
+                    services.add((pool, str(d.gateway), proto, str(port)))
     q = policy.quarantine
     if q.pool is not None and q.gateway is not None:
         addresses.add((policy.bridge, f"{q.gateway}/{q.pool.prefixlen}"))
+        dhcp_server.add((str(q.gateway),))
         # No router option: a quarantined machine has nowhere to go.
         ranges.append(DhcpRange(QUARANTINE, q.pool, None, f"{QUARANTINE}.{policy.tld}"))
     hub_state = None
     if hub is not None:
         addresses.add((policy.bridge, f"{hub.gateway}/{hub.pool.prefixlen}"))
+        dhcp_server.add((str(hub.gateway),))
         # No router: a hub machine's only destination on the bridge is the hub.
         ranges.append(DhcpRange("hub", hub.pool, None, None))
         hub_state = HubState(
@@ -293,9 +321,11 @@ def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
         hub=hub.interface if hub else None,
         hub_port=hub.listen_port if hub else None,
         underlay=str(hub.pool) if hub else None,
+        hub_gateway=str(hub.gateway) if hub else None,
         ssh_port=policy.host.ssh_port,
         ping=policy.host.ping,
         dhcp_client=policy.host.dhcp_client,
+        limits=policy.limits,
     )
     return PolicyState(
         shape=shape,
@@ -303,6 +333,7 @@ def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
         sets={
             EXEMPT: frozenset(exempt),
             PEERS: frozenset(peers),
+            DHCP_SERVER: frozenset(dhcp_server),
             REACH: frozenset(reach),
             EGRESS: frozenset(egress),
             SERVICE: frozenset(services),

@@ -551,6 +551,9 @@ class Inventory:
     # machine MAC -> port name: learned/static unicast entries on the managed
     # bridge's ports, minus MACs that links of this namespace carry themselves
     sightings: Mapping[str, str]
+    # machine MAC -> when its sighting was learned (a sequence number: larger
+    # is later; all entries of one snapshot are equal)
+    learned: Mapping[str, int] = field(default_factory=dict, compare=False)
 
 
 def bridge_index(tables: Tables, bridge: str) -> int | None:
@@ -592,6 +595,46 @@ class _Ports(Mapping[str, Port]):
         return len({self._links[i].name for i in self._indexes})
 
 
+class _Learned(Mapping[str, int]):
+    """When each sighting was learned, computed on access (a decision asks
+    about a couple of MACs)."""
+
+    __slots__ = ("_bridge", "_by_mac", "_links", "_sightings")
+
+    def __init__(
+        self,
+        links: Mapping[int, Link],
+        by_mac: Mapping[str, tuple[_Seen, ...]],
+        bridge: int | None,
+        sightings: Mapping[str, str],
+    ) -> None:
+        self._links = links
+        self._by_mac = by_mac
+        self._bridge = bridge
+        self._sightings = sightings
+
+    def __getitem__(self, mac: str) -> int:
+        if mac not in self._sightings:
+            raise KeyError(mac)
+        stamps = [
+            stamp
+            for port, stamp, candidate, _ in self._by_mac.get(mac, ())
+            if candidate
+            and (link := self._links.get(port)) is not None
+            and link.master == self._bridge
+            and link.name == self._sightings[mac]
+        ]
+        if not stamps:
+            raise KeyError(mac)
+        return max(stamps)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sightings)
+
+    def __len__(self) -> int:
+        return len(self._sightings)
+
+
 def inventory(tables: Tables, bridge: str) -> Inventory:
     """What is on `bridge`. O(ports of other bridges); the managed bridge's
     ports are looked up lazily and the sightings map is precomputed."""
@@ -611,6 +654,7 @@ def inventory(tables: Tables, bridge: str) -> Inventory:
         ports=_Ports(links, ix.names, children),
         foreign_ports=frozenset(foreign),
         sightings=sightings,
+        learned=_Learned(links, ix.by_mac, b, sightings),
     )
 
 

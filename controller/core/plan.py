@@ -52,7 +52,6 @@ class Plan:
     dhcp_config: DhcpConfig | None = None  # set when dnsmasq must (re)start
     hosts_put: Mapping[str, DhcpHost] = field(default_factory=dict)
     hosts_del: frozenset[str] = frozenset()
-    hosts_changed: bool = False  # a reservation was removed or rewritten: dnsmasq must re-read
     peers_put: Mapping[str, HubPeer] = field(default_factory=dict)
     peers_del: frozenset[str] = frozenset()
     killswitch: KillSwitch | None = None  # set when the kill switch table must be rewritten
@@ -158,11 +157,10 @@ def set_diff(
 
 def host_diff(
     desired: Mapping[str, DhcpHost], applied: Mapping[str, DhcpHost]
-) -> tuple[dict[str, DhcpHost], frozenset[str], bool]:
+) -> tuple[dict[str, DhcpHost], frozenset[str]]:
     put = {m: h for m, h in desired.items() if applied.get(m) != h}
     gone = frozenset(m for m in applied if m not in desired)
-    rewritten = any(m in applied for m in put)
-    return put, gone, bool(gone) or rewritten
+    return put, gone
 
 
 def plan(desired: Flat, applied: Flat) -> Plan:
@@ -174,7 +172,7 @@ def plan(desired: Flat, applied: Flat) -> Plan:
         delete: dict[SetKey, frozenset[Element]] = {}
     else:
         add, delete = set_diff(desired.sets, applied.sets)
-    put, gone, changed = host_diff(desired.hosts, applied.hosts)
+    put, gone = host_diff(desired.hosts, applied.hosts)
     peers_put, peers_del = peer_diff(desired.peers, applied.peers)
     return Plan(
         rebuild=rebuild,
@@ -185,7 +183,6 @@ def plan(desired: Flat, applied: Flat) -> Plan:
         dhcp_config=desired.dhcp if desired.dhcp != applied.dhcp else None,
         hosts_put=put,
         hosts_del=gone,
-        hosts_changed=changed,
         peers_put=peers_put,
         peers_del=peers_del,
         killswitch=desired.killswitch if desired.killswitch != applied.killswitch else None,
@@ -219,14 +216,13 @@ def plan_machines(
     add, delete = set_diff(
         {k: frozenset(v) for k, v in d_sets.items()}, {k: frozenset(v) for k, v in a_sets.items()}
     )
-    put, gone, changed = host_diff(d_hosts, a_hosts)
+    put, gone = host_diff(d_hosts, a_hosts)
     peers_put, peers_del = peer_diff(d_peers, a_peers)
     return Plan(
         add=add,
         delete=delete,
         hosts_put=put,
         hosts_del=gone,
-        hosts_changed=changed,
         peers_put=peers_put,
         peers_del=peers_del,
     )

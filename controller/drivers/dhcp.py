@@ -8,11 +8,20 @@ still the one wanted, instead of starting a second one.
 
 Reservations are one file per machine in `dhcp/hosts/` (dnsmasq's
 --dhcp-hostsdir, re-read via inotify). Files are written next door and
-renamed in, so dnsmasq never reads half a file. dnsmasq only *adds* records
-from that directory on its own; a removed or rewritten reservation needs a
-SIGHUP, which `write_hosts` reports. Ranges are `static`: a machine without a
-reservation gets no address at all, so a machine's first lease is the one
-the controller chose.
+renamed in, so dnsmasq never reads half a file. Ranges are `static`: a
+machine without a reservation gets no address at all, so a machine's first
+lease is the one the controller chose.
+
+dnsmasq is never sent SIGHUP. dnsmasq 2.90 (Debian 12's) frees the tags of
+`dhcp-host` entries on a SIGHUP re-read while a DHCP exchange still refers to
+them, and crashes (SIGSEGV/SIGABRT; reproduced outside the lab: hosts with
+`set:` tags, one DISCOVER, then SIGHUP after a change). On its own, by
+inotify, dnsmasq picks up new and rewritten files but ignores deleted ones.
+So a reservation is never deleted while dnsmasq runs: it is rewritten as a
+tombstone, `MAC,ignore` (dnsmasq then never answers that MAC), and
+tombstones are swept before a new dnsmasq starts. Every reservation carries
+`id:*`: dnsmasq identifies the lease by hardware address only, so a client-id
+copied from another machine finds nothing of that machine's.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,6 +51,7 @@ def dnsmasq_argv(config: DhcpConfig, state_dir: Path, binary: str = "dnsmasq") -
         "--keep-in-foreground",
         "--conf-file=/dev/null",
         "--port=0",  # no DNS here: unbound serves names (a later issue)
+        "--no-hosts",
         f"--interface={config.bridge}",
         "--bind-interfaces",
         f"--dhcp-hostsdir={d / 'hosts'}",
@@ -67,15 +78,22 @@ def dnsmasq_argv(config: DhcpConfig, state_dir: Path, binary: str = "dnsmasq") -
     return argv
 
 
+_MAC_FILE = re.compile(r"^[0-9a-f]{2}(-[0-9a-f]{2}){5}$")
+
+
 def _host_file(mac: str) -> str:
     return mac.replace(":", "-")
 
 
+def tombstone(mac: str) -> str:
+    return f"{mac},ignore\n"
+
+
 def parse_host_line(line: str) -> DhcpHost | None:
     parts = line.strip().split(",")
-    if len(parts) != 4 or not parts[1].startswith("set:"):
+    if len(parts) != 5 or parts[1] != "id:*" or not parts[2].startswith("set:"):
         return None
-    return DhcpHost(parts[0], parts[2], parts[3], parts[1][4:])
+    return DhcpHost(parts[0], parts[3], parts[4], parts[2][4:])
 
 
 class HostsDir:
@@ -91,11 +109,12 @@ class HostsDir:
             d.chmod(0o755)
         # file name -> (inode, mtime_ns, host): a file unchanged since it was
         # last read or written is not read again (10,000 of them at a resync)
-        self._known: dict[str, tuple[int, int, DhcpHost]] = {}
+        self._known: dict[str, tuple[int, int, DhcpHost | None]] = {}
 
     def read(self) -> dict[str, DhcpHost]:
-        """Every reservation on disk; files that are not ours, or damaged,
-        are removed (the controller writes what should be there)."""
+        """Every reservation on disk. A file that is not a reservation of
+        ours is neutralised in place (a tombstone, or emptied): dnsmasq would
+        keep a deleted file's entries until it restarts."""
         out = {}
         seen = set()
         with os.scandir(self.dir) as entries:
@@ -104,31 +123,63 @@ class HostsDir:
                 st = e.stat(follow_symlinks=False)
                 known = self._known.get(e.name)
                 if known is not None and known[:2] == (st.st_ino, st.st_mtime_ns):
-                    out[known[2].mac] = known[2]
+                    if known[2] is not None:
+                        out[known[2].mac] = known[2]
                     continue
-                host = parse_host_line(Path(e.path).read_text()) if e.is_file() else None
+                text = Path(e.path).read_text(errors="replace") if e.is_file() else ""
+                host = parse_host_line(text)
                 if host is not None and _host_file(host.mac) == e.name:
                     out[host.mac] = host
-                    self._known[e.name] = (st.st_ino, st.st_mtime_ns, host)
-                else:
-                    Path(e.path).unlink(missing_ok=True)
-                    self._known.pop(e.name, None)
+                    self._remember(e.name, host)
+                    continue
+                mac = e.name.replace("-", ":")
+                want = tombstone(mac) if _MAC_FILE.match(e.name) else ""
+                if text != want or not e.is_file():
+                    self._replace(e.name, want)
+                self._remember(e.name, None)
         for name in set(self._known) - seen:
             del self._known[name]
         return out
 
     def write(self, put: Mapping[str, DhcpHost], delete: frozenset[str] | set[str]) -> None:
+        """Reservations in, removed ones as tombstones (never deleted: see
+        the module's docstring)."""
         for mac in delete:
-            (self.dir / _host_file(mac)).unlink(missing_ok=True)
-            self._known.pop(_host_file(mac), None)
+            if mac not in put:
+                name = _host_file(mac)
+                self._replace(name, tombstone(mac))
+                self._remember(name, None)
         for mac, host in put.items():
             name = _host_file(mac)
-            tmp = self.tmp / name
-            tmp.write_text(host.line())
-            tmp.chmod(0o644)
-            os.replace(tmp, self.dir / name)
+            self._replace(name, host.line())
+            self._remember(name, host)
+
+    def sweep(self) -> int:
+        """Remove tombstones and whatever else is not a reservation: only
+        while no dnsmasq runs (a running one would keep their entries)."""
+        removed = 0
+        with os.scandir(self.dir) as entries:
+            for e in entries:
+                text = Path(e.path).read_text(errors="replace") if e.is_file() else ""
+                if parse_host_line(text) is None:
+                    Path(e.path).unlink(missing_ok=True)
+                    self._known.pop(e.name, None)
+                    removed += 1
+        return removed
+
+    def _replace(self, name: str, text: str) -> None:
+        tmp = self.tmp / name
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        os.replace(tmp, self.dir / name)
+
+    def _remember(self, name: str, host: DhcpHost | None) -> None:
+        try:
             st = (self.dir / name).stat()
-            self._known[name] = (st.st_ino, st.st_mtime_ns, host)
+        except FileNotFoundError:
+            self._known.pop(name, None)
+            return
+        self._known[name] = (st.st_ino, st.st_mtime_ns, host)
 
 
 def _start_time(pid: int) -> str | None:
@@ -176,12 +227,6 @@ class Dnsmasq:
             self.config = config
             self._changed.set()
 
-    def reload_hosts(self) -> None:
-        """SIGHUP: dnsmasq forgets removed or rewritten reservations."""
-        rec = self._recorded()
-        if rec and _start_time(rec[0]) == rec[1]:
-            os.kill(rec[0], signal.SIGHUP)
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep dnsmasq running with the latest config, forever. Leaves it
         running on cancellation: the data plane outlives the controller."""
@@ -205,6 +250,9 @@ class Dnsmasq:
                 if rec and running:
                     log.info("dhcp: stopping dnsmasq pid %d (configuration changed)", rec[0])
                     await _stop(rec[0], proc if proc and proc.pid == rec[0] else None)
+                swept = self.hosts.sweep()  # no dnsmasq runs now: tombstones can go
+                if swept:
+                    log.info("dhcp: swept %d tombstones of removed reservations", swept)
                 proc = await trio.lowlevel.open_process(
                     argv,
                     start_new_session=True,  # not in the controller's process group

@@ -170,15 +170,17 @@ class Tunnels:
         }
 
 
-def machine_key_path(state_dir: Path, mac: str) -> Path:
-    return state_dir / "keys" / "machines" / f"{mac.replace(':', '-')}.key"
+def machine_key_path(state_dir: Path, key_id: str) -> Path:
+    """A hub machine's tunnel key, named by its identity (`Allocation.key_id`:
+    the MAC it was first admitted with, which its slot keeps)."""
+    return state_dir / "keys" / "machines" / f"{key_id.replace(':', '-')}.key"
 
 
-def machine_public_key(state_dir: Path, mac: str, *, create: bool = True) -> str | None:
+def machine_public_key(state_dir: Path, key_id: str, *, create: bool = True) -> str | None:
     """The public key of a hub machine's tunnel; its private key is made on
     first use (0600) for `dom0 wg export` to hand out. Agents (later) will
     bring their own keys instead."""
-    path = machine_key_path(state_dir, mac)
+    path = machine_key_path(state_dir, key_id)
     if not create and not path.exists():
         return None
     return base64.b64encode(keys.public_of(keys.load_or_create(path))).decode()

@@ -27,6 +27,7 @@ from controller.policy.model import (
     Domain,
     Host,
     Hub,
+    Limits,
     Match,
     Policy,
     Quarantine,
@@ -245,6 +246,7 @@ class _Validator:
                 "domains",
                 "rules",
                 "quarantine",
+                "limits",
             ],
         )
         site = self.table(raw, "site", "site", ["tld", "release_after"])
@@ -253,7 +255,10 @@ class _Validator:
             self.bad("site.tld", f'{tld!r} is not a DNS label, expected e.g. "internal"')
         release_after = self.duration(site, "release_after", "site", "30d", 60)
 
-        bridge_t = self.table(raw, "bridge", "bridge", ["name", "trusted_ports"])
+        bridge_t = self.table(
+            raw, "bridge", "bridge", ["name", "trusted_ports", "max_machines_per_port"]
+        )
+        per_port = self.integer(bridge_t, "max_machines_per_port", "bridge", 1, 1, 4096)
         bridge = (
             self.ifname(self.string(bridge_t, "name", "bridge", "virbr0"), "bridge.name")
             or "virbr0"
@@ -277,6 +282,7 @@ class _Validator:
         hub = self.hub(raw, bridge, uplink)
 
         host = self.host(raw)
+        limits = self.limits(raw)
         dhcp_t = self.table(raw, "dhcp", "dhcp", ["lease_time"])
         lease = self.duration(dhcp_t, "lease_time", "dhcp", "1h", 120)
 
@@ -301,6 +307,8 @@ class _Validator:
             rules=tuple(rules),
             quarantine=quarantine,
             host=host,
+            max_machines_per_port=per_port,
+            limits=limits,
         )
 
     def uplink(self, raw: dict, wan: str | None, bridge: str) -> Uplink | None:
@@ -419,6 +427,19 @@ class _Validator:
             dhcp_client=self.boolean(h, "dhcp_client", "host", True),
         )
 
+    def limits(self, raw: dict) -> Limits:
+        d = Limits()
+        keys = {
+            "connections_per_machine": (d.connections_per_machine, 16, 1_000_000),
+            "new_connections_per_second": (d.new_connections_per_second, 1, 1_000_000),
+            "broadcasts_per_second": (d.broadcasts_per_second, 1, 1_000_000),
+            "unknown_frames_per_second": (d.unknown_frames_per_second, 1, 1_000_000),
+        }
+        t = self.table(raw, "limits", "limits", keys)
+        return Limits(
+            **{k: self.integer(t, k, "limits", dflt, lo, hi) for k, (dflt, lo, hi) in keys.items()}
+        )
+
     def integer(self, raw: dict, key: str, path: str, default: int, lo: int, hi: int) -> int:
         value = raw.get(key, default)
         if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi:
@@ -530,7 +551,7 @@ class _Validator:
         if not isinstance(section, list) or not all(isinstance(r, dict) for r in section):
             self.bad("rules", f"is a {_kind(section)}, expected [[rules]] tables")
             return []
-        allowed = ["name", "domain", "subdomain", "max", "match"]
+        allowed = ["name", "domain", "subdomain", "max", "max_per_port", "match"]
         rules: list[Rule] = []
         matches: list[tuple[str, Match]] = []  # every parsed match, for shadowing
         seen: dict[str, str] = {}
@@ -594,8 +615,13 @@ class _Validator:
             match = self.match(body.get("match"), f"{path}.match")
             if match is not None:
                 matches.append((path, match))
+            per_port = (
+                self.integer(body, "max_per_port", path, 1, 1, 4096)
+                if "max_per_port" in body
+                else None
+            )
             if name and domain and template and match:
-                rules.append(Rule(name, domain, template, max_slots, match))
+                rules.append(Rule(name, domain, template, max_slots, match, per_port))
         self.shadows(matches)
         self.collisions(rules)
         return rules

@@ -57,6 +57,7 @@ class Rule:
     template: Template
     max_slots: int
     match: Match
+    max_per_port: int | None = None  # machines of this rule one bridge port may hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,16 @@ class Host:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """What one machine or one port may use of dom0, whatever it sends."""
+
+    connections_per_machine: int = 4096  # conntrack entries a machine's address may hold
+    new_connections_per_second: int = 200  # per machine (burst twice that)
+    broadcasts_per_second: int = 100  # broadcast and multicast frames per bridge port
+    unknown_frames_per_second: int = 10  # frames per port from MACs not admitted (learning)
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     source: str  # file it came from
     tld: str
@@ -141,6 +152,13 @@ class Policy:
     rules: tuple[Rule, ...]
     quarantine: Quarantine
     host: Host = field(default_factory=Host)
+    max_machines_per_port: int = 1  # port security: a libvirt NIC has one MAC
+    limits: Limits = field(default_factory=Limits)
+
+    def port_limit(self, rule: Rule | None) -> int:
+        if rule is not None and rule.max_per_port is not None:
+            return rule.max_per_port
+        return self.max_machines_per_port
 
     def fqdn(self, label: str, domain: str) -> str:
         return f"{label}.{domain}.{self.tld}"

@@ -1,5 +1,7 @@
 """The reservation directory: what is on disk is what `read` says, also when
-files change behind the controller's back (its cache must not hide that)."""
+files change behind the controller's back (its cache must not hide that);
+nothing is ever deleted while dnsmasq may run (it would keep a deleted
+file's entries): removals are tombstones, swept only before dnsmasq starts."""
 
 from __future__ import annotations
 
@@ -17,19 +19,37 @@ def test_write_read_and_outside_changes(tmp_path: Path) -> None:
     h = HostsDir(tmp_path)
     h.write({A.mac: A, B.mac: B}, set())
     assert h.read() == {A.mac: A, B.mac: B}
-    assert (h.dir / "52-54-00-00-00-01").read_text() == "52:54:00:00:00:01,set:x,10.10.0.9,web1\n"
+    assert (h.dir / "52-54-00-00-00-01").read_text() == (
+        "52:54:00:00:00:01,id:*,set:x,10.10.0.9,web1\n"
+    )
     # somebody edits a file: read sees the new content
     f = h.dir / "52-54-00-00-00-02"
-    f.write_text("52:54:00:00:00:02,set:y,10.20.0.10,db1\n")
+    f.write_text("52:54:00:00:00:02,id:*,set:y,10.20.0.10,db1\n")
     os.utime(f, ns=(1, 1))  # even with an old mtime: the inode or mtime differs
     assert h.read()[B.mac].address == "10.20.0.10"
-    # a stray or damaged file is removed; a deleted one is gone
-    (h.dir / "junk").write_text("nonsense\n")
-    (h.dir / "52-54-00-00-00-01").unlink()
+    # a stray file is emptied and a damaged reservation becomes a tombstone,
+    # in place; a file deleted behind our back is simply gone
+    (h.dir / "junk").write_text("00:11:22:33:44:55,10.10.0.7\n")
+    (h.dir / "52-54-00-00-00-01").write_text("52:54:00:00:00:01,10.10.0.66\n")
     assert h.read() == {B.mac: DhcpHost(B.mac, "10.20.0.10", "db1", "y")}
-    assert not (h.dir / "junk").exists()
+    assert (h.dir / "junk").read_text() == ""
+    assert (h.dir / "52-54-00-00-00-01").read_text() == "52:54:00:00:00:01,ignore\n"
     # a fresh HostsDir (a restarted controller) reads the same
     assert HostsDir(tmp_path).read() == h.read()
-    h.write({}, {B.mac})
-    assert h.read() == {}
     assert (h.dir.stat().st_mode & 0o777) == 0o755
+
+
+def test_removal_is_a_tombstone_until_swept(tmp_path: Path) -> None:
+    h = HostsDir(tmp_path)
+    h.write({A.mac: A, B.mac: B}, set())
+    h.write({}, {B.mac})
+    assert h.read() == {A.mac: A}
+    assert (h.dir / "52-54-00-00-00-02").read_text() == "52:54:00:00:00:02,ignore\n"
+    # a tombstone comes back to life when the machine does
+    h.write({B.mac: B}, set())
+    assert h.read() == {A.mac: A, B.mac: B}
+    h.write({}, {A.mac})
+    (h.dir / "junk").write_text("x\n")
+    assert h.sweep() == 2  # A's tombstone and the junk; B is a reservation
+    assert sorted(p.name for p in h.dir.iterdir()) == ["52-54-00-00-00-02"]
+    assert h.read() == {B.mac: B}

@@ -1,0 +1,159 @@
+"""libnftables: apply dom0's tables and read back what the kernel holds.
+
+One context, bound to the network namespace it is created in, used from one
+thread at a time. Whole tables go in as nft text in one transaction (add,
+delete, define: replaced atomically, never absent); element changes go in
+as JSON, also one transaction each (a bad element rolls back the batch).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from controller.core.desired import Element, KillSwitch, Shape
+from controller.core.plan import Plan
+from controller.drivers.nft.render import (
+    elem_from_json,
+    elem_json,
+    killswitch_text,
+    tables_text,
+)
+from controller.drivers.nft.ruleset import (
+    BASELINE_TABLE,
+    FAMILIES,
+    KILLSWITCH_TABLE,
+    SETS,
+    TABLE,
+    chains,
+    killswitch_chains,
+    killswitch_marker,
+    shape_marker,
+)
+
+
+class NftError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class KernelState:
+    shape_matches: bool  # both tables present, chains as `shape` says, no boot baseline
+    sets: dict[tuple[str, str], frozenset[Element]]
+
+
+def element_commands(plan: Plan) -> list[dict]:
+    cmds = []
+    for verb, changes in (("delete", plan.delete), ("add", plan.add)):
+        for key, elements in changes.items():
+            if elements:
+                ref = {
+                    "family": key[0],
+                    "table": TABLE,
+                    "name": key[1],
+                    "elem": [elem_json(key, e) for e in elements],
+                }
+                cmds.append({verb: {"element": ref}})
+    return cmds
+
+
+class Nft:
+    def __init__(self) -> None:
+        import nftables  # Debian's python3-nftables; imported late: only the controller needs it
+
+        self.ctx = nftables.Nftables()
+        self.ctx.set_json_output(True)
+        self.ctx.set_handle_output(False)
+
+    def _run(self, cmds: list[dict]) -> None:
+        if not cmds:
+            return
+        rc, _out, err = self.ctx.json_cmd({"nftables": cmds})
+        if rc != 0:
+            raise NftError((err or "nftables refused the transaction").strip().splitlines()[0])
+
+    def _script(self, text: str) -> None:
+        rc, _out, err = self.ctx.cmd(text)
+        if rc != 0:
+            lines = (err or "nftables refused the transaction").strip().splitlines()
+            raise NftError(lines[0] if lines else "nftables refused the transaction")
+
+    def rebuild(self, shape: Shape, sets: Mapping[tuple[str, str], Iterable[Element]]) -> None:
+        self._script(tables_text(shape, sets))
+
+    def apply(self, plan: Plan) -> None:
+        """Element changes only, in one transaction (all or nothing)."""
+        self._run(element_commands(plan))
+
+    def _list(self, family: str, table: str) -> list[dict] | None:
+        rc, out, _err = self.ctx.cmd(f"list table {family} {table}")
+        if rc != 0:
+            return None
+        return list(json.loads(out)["nftables"])
+
+    def read(self, shape: Shape) -> KernelState:
+        """What the kernel holds now in dom0's tables."""
+        sets: dict[tuple[str, str], frozenset[Element]] = {}
+        ok = True
+        marker = shape_marker(shape)
+        expected = chains(shape)
+        for family in FAMILIES:
+            objs = self._list(family, TABLE)
+            if objs is None:
+                ok = False
+                continue
+            names: set[str] = set()
+            rules: dict[str, int] = {}
+            for obj in objs:
+                if "set" in obj:
+                    s = obj["set"]
+                    key = (family, s["name"])
+                    if key in SETS:  # (meters are the kernel's to fill)
+                        sets[key] = frozenset(elem_from_json(key, e) for e in s.get("elem", []))
+                elif "chain" in obj:
+                    names.add(obj["chain"]["name"])
+                elif "rule" in obj:
+                    chain = obj["rule"]["chain"]
+                    rules[chain] = rules.get(chain, 0) + 1
+            want = expected[family]
+            if names != {*want, marker} or any(
+                rules.get(n, 0) != len(r) for n, (_b, r) in want.items()
+            ):
+                ok = False
+        if set(sets) != set(SETS):
+            ok = False
+        if self._list("inet", BASELINE_TABLE) is not None:
+            ok = False  # the boot baseline is (back): the next write takes it over
+        return KernelState(ok, sets)
+
+    def killswitch_matches(self, ks: KillSwitch) -> bool:
+        """Whether the kernel holds exactly this kill switch."""
+        objs = self._list("inet", KILLSWITCH_TABLE)
+        if objs is None:
+            return False
+        names: set[str] = set()
+        rules: dict[str, int] = {}
+        for obj in objs:
+            if "chain" in obj:
+                names.add(obj["chain"]["name"])
+            elif "rule" in obj:
+                rules[obj["rule"]["chain"]] = rules.get(obj["rule"]["chain"], 0) + 1
+        want = killswitch_chains(ks)
+        return names == {*want, killswitch_marker(ks)} and all(
+            rules.get(n, 0) == len(r) for n, (_b, r) in want.items()
+        )
+
+    def write_killswitch(self, ks: KillSwitch) -> None:
+        """Replace the kill switch table atomically (never a moment without it)."""
+        self._script(killswitch_text(ks))
+
+    def delete_killswitch(self) -> None:
+        self._script(f"add table inet {KILLSWITCH_TABLE}\ndelete table inet {KILLSWITCH_TABLE}\n")
+
+    def delete_tables(self) -> None:
+        """Remove dom0's tables (tests and `lab down` only: the controller
+        leaves them in place when it stops, that is the point)."""
+        self._script(
+            "".join(f"add table {f} {TABLE}\ndelete table {f} {TABLE}\n" for f in FAMILIES)
+        )

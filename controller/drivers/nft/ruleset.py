@@ -1,0 +1,695 @@
+"""dom0's nftables tables as plain data (pure: no I/O, no libnftables).
+
+Two tables, both dom0's own, plus the kill switch's (`inet dom0_wan`).
+Everything per machine or per policy lives in sets, so admitting a machine
+is a few element changes whatever the policy says; the chains change only
+with the `Shape` (a reload that changes interfaces or limits).
+
+`bridge dom0` polices frames from the bridge's ports, statelessly, before the
+bridge learns or forwards anything (see docs/security.md for what each rule
+stops):
+
+- `ingress` (prerouting, before FDB learning): frames from MACs that hold no
+  admission are rate-limited per port, so a MAC flood teaches the bridge (and
+  the controller) only a trickle; broadcast and multicast are rate-limited
+  per port.
+- `police_source`: a port sends only with the MACs bound to it, a MAC only
+  with its bound address, ARP included; nothing but IPv4 and ARP.
+- `ports_forward` (port to port): a unicast frame only to the port its MAC is
+  bound to (FDB poisoning teaches nothing); ARP probes never cross ports;
+  no DHCP between ports; IPv4 and ARP only between addresses that may talk
+  directly (`peers`) *and* only to a port whose machines are of the
+  destination's domain (`port_zone`): the output port is checked, not just
+  the address pair, so neither a forged destination MAC nor a broadcast
+  carries a frame into another domain.
+- `ports_input` (port to dom0): nothing from unknown MACs; DHCP client
+  messages are checked field by field (`dhcp_request`) before anything else,
+  so that the DHCP exception cannot carry a forged source anywhere but to
+  dnsmasq; the rest is policed and then decided by `inet dom0`.
+- `ports_output` (dom0 to a port): unicast only to the bound port; a DHCP
+  reply only to the port of the machine it is for (broadcast ones included).
+
+The bridge family of this kernel has no `meta ibrname`, so these chains see
+every bridge of the namespace; ports of other bridges, and trusted ports,
+are listed in `exempt_ports`: a port dom0 has never heard of is policed.
+
+`inet dom0` polices what is routed or delivered to dom0, statefully, by
+address (the bridge table has bound addresses to machines): strict
+reverse-path filtering for the machines' interfaces; who may open
+connections to whom; ICMP errors accepted as related only when they concern
+a flow of the machine that sends them; per-machine connection and
+new-connection limits; who may leave through the WAN (masqueraded); which
+of dom0's services each domain may use, on its own gateway only. Everything
+else a machine sends to dom0 is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from controller.core.desired import (
+    BINDING,
+    DHCP_CLIENT,
+    DHCP_REPLY,
+    DHCP_SERVER,
+    EGRESS,
+    EXEMPT,
+    ICMP,
+    PEERS,
+    PORT_MAC,
+    PORT_ZONE,
+    REACH,
+    SELF4,
+    SERVICE,
+    SSH4,
+    SSH6,
+    KillSwitch,
+    Shape,
+)
+
+TABLE = "dom0"
+RULESET_VERSION = 3
+FAMILIES = ("bridge", "inet")
+KILLSWITCH_TABLE = "dom0_wan"
+# The installer's boot firewall: dom0 takes it over, deleting it in the very
+# transaction that writes dom0's own tables (which carry its host rules).
+BASELINE_TABLE = "dom0_baseline"
+
+# Where a DHCP message's fields are, in bits from the start of the UDP header
+# (RFC 2131: op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr,
+# giaddr, chaddr).
+_BOOTP = 64
+OP = (_BOOTP, 8)
+HTYPE_HLEN = (_BOOTP + 8, 16)
+GIADDR = (_BOOTP + 24 * 8, 32)
+CHADDR = (_BOOTP + 28 * 8, 48)
+
+
+@dataclass(frozen=True, slots=True)
+class SetSpec:
+    """A set dom0 fills. `kinds` name each component: nft types, and
+    `chaddr` (48 raw bits of a DHCP packet, compared with a MAC). Sets with
+    a raw component are declared with `typeof` (nft cannot name their type)."""
+
+    family: str
+    name: str
+    kinds: tuple[str, ...]
+    interval: bool = False
+    typeof: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    """A set the kernel fills from the packet path (a per-port or
+    per-machine rate or connection count); dom0 never writes its elements."""
+
+    family: str
+    name: str
+    kind: str
+    timeout: int | None = None  # seconds; None: elements stay while counted
+    size: int = 65535
+
+
+SETS: dict[tuple[str, str], SetSpec] = {
+    (s.family, s.name): s
+    for s in (
+        SetSpec("bridge", EXEMPT[1], ("ifname",)),
+        SetSpec("bridge", PORT_MAC[1], ("ifname", "ether_addr")),
+        SetSpec("bridge", BINDING[1], ("ifname", "ether_addr", "ipv4_addr")),
+        SetSpec(
+            "bridge",
+            DHCP_CLIENT[1],
+            ("ifname", "ether_addr", "chaddr"),
+            typeof=f"meta iifname . ether saddr . @th,{CHADDR[0]},{CHADDR[1]}",
+        ),
+        SetSpec(
+            "bridge",
+            DHCP_REPLY[1],
+            ("ifname", "chaddr"),
+            typeof=f"meta oifname . @th,{CHADDR[0]},{CHADDR[1]}",
+        ),
+        SetSpec("bridge", PORT_ZONE[1], ("ifname", "ipv4_addr"), interval=True),
+        SetSpec("bridge", PEERS[1], ("ipv4_addr", "ipv4_addr"), interval=True),
+        SetSpec("bridge", DHCP_SERVER[1], ("ipv4_addr",)),
+        SetSpec("inet", REACH[1], ("ipv4_addr", "ipv4_addr"), interval=True),
+        SetSpec("inet", EGRESS[1], ("ipv4_addr",), interval=True),
+        SetSpec(
+            "inet",
+            SERVICE[1],
+            ("ipv4_addr", "ipv4_addr", "inet_proto", "inet_service"),
+            interval=True,
+        ),
+        SetSpec("inet", ICMP[1], ("ipv4_addr", "ipv4_addr"), interval=True),
+        SetSpec("inet", SELF4[1], ("ipv4_addr", "ipv4_addr")),
+        SetSpec("inet", SSH4[1], ("ipv4_addr",), interval=True),
+        SetSpec("inet", SSH6[1], ("ipv6_addr",), interval=True),
+    )
+}
+
+METERS: tuple[Meter, ...] = (
+    Meter("bridge", "unknown_rate", "ifname", timeout=60),
+    Meter("bridge", "flood_rate", "ifname", timeout=60),
+    Meter("inet", "conns", "ipv4_addr"),
+    Meter("inet", "new_conns", "ipv4_addr", timeout=60),
+)
+
+Rule = list[dict]
+Chain = tuple[dict | None, list[Rule]]  # (base chain spec or None, rules)
+
+# -- expressions (nftables' JSON schema) -------------------------------------
+ACCEPT: dict = {"accept": None}
+DROP: dict = {"drop": None}
+RETURN: dict = {"return": None}
+
+
+def match(left: Any, right: Any, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def meta(key: str) -> dict:
+    return {"meta": {"key": key}}
+
+
+def pl(protocol: str, field: str) -> dict:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def raw(base: str, offset: int, length: int) -> dict:
+    return {"payload": {"base": base, "offset": offset, "len": length}}
+
+
+def th(field: tuple[int, int]) -> dict:
+    return raw("th", *field)
+
+
+def cat(*items: Any) -> dict:
+    return {"concat": list(items)}
+
+
+def ct(key: str, direction: str | None = None) -> dict:
+    return {"ct": {"key": key, "dir": direction}} if direction else {"ct": {"key": key}}
+
+
+def jump(chain: str) -> dict:
+    return {"jump": {"target": chain}}
+
+
+def counter() -> dict:
+    return {"counter": {"packets": 0, "bytes": 0}}
+
+
+def prefix(cidr: str) -> dict:
+    addr, length = cidr.split("/")
+    return {"prefix": {"addr": addr, "len": int(length)}}
+
+
+def over_rate(meter: str, key: Any, per_second: int) -> dict:
+    """True (for the rule) once `key` exceeds per_second packets (burst twice that)."""
+    return {
+        "set": {
+            "op": "add",
+            "elem": key,
+            "set": f"@{meter}",
+            "stmt": [
+                {
+                    "limit": {
+                        "rate": per_second,
+                        "burst": 2 * per_second,
+                        "per": "second",
+                        "inv": True,
+                    }
+                }
+            ],
+        }
+    }
+
+
+def over_count(meter: str, key: Any, count: int) -> dict:
+    """True once `key` holds more than `count` tracked connections."""
+    return {
+        "set": {
+            "op": "add",
+            "elem": key,
+            "set": f"@{meter}",
+            "stmt": [{"ct count": {"val": count, "inv": True}}],
+        }
+    }
+
+
+UNICAST_DST = match({"&": [pl("ether", "daddr"), "01:00:00:00:00:00"]}, "00:00:00:00:00:00")
+MULTICAST_DST = match({"&": [pl("ether", "daddr"), "01:00:00:00:00:00"]}, "01:00:00:00:00:00")
+ESTABLISHED = match(ct("state"), "established", "in")
+RELATED = match(ct("state"), "related", "in")
+NEW = match(ct("state"), "new", "in")
+IS_IP = match(pl("ether", "type"), "ip")
+IS_ARP = match(pl("ether", "type"), "arp")
+
+
+def shape_marker(shape: Shape) -> str:
+    """The name of an empty chain recording which chains the tables hold."""
+    digest = hashlib.sha256(
+        json.dumps([RULESET_VERSION, shape.to_json()], sort_keys=True).encode()
+    ).hexdigest()
+    return f"shape_{digest[:16]}"
+
+
+def chains(shape: Shape) -> dict[str, dict[str, Chain]]:
+    """family -> chain name -> (base chain spec or None, rules)."""
+    return {"bridge": _bridge(shape), "inet": _inet(shape)}
+
+
+def _bridge(shape: Shape) -> dict[str, Chain]:
+    limits = shape.limits
+    port = meta("iifname")
+    b: dict[str, Chain] = {}
+    b["ingress"] = (
+        # before the bridge learns the source MAC or forwards anything
+        {"type": "filter", "hook": "prerouting", "prio": -200, "policy": "accept"},
+        [
+            [match(port, "@exempt_ports"), ACCEPT],
+            [match(cat(port, pl("ether", "saddr")), "@port_mac", "!="), jump("unknown_mac")],
+            [
+                MULTICAST_DST,
+                over_rate("flood_rate", port, limits.broadcasts_per_second),
+                counter(),
+                DROP,
+            ],
+        ],
+    )
+    b["unknown_mac"] = (
+        None,
+        [[over_rate("unknown_rate", port, limits.unknown_frames_per_second), counter(), DROP]],
+    )
+    b["police_source"] = (
+        None,
+        [
+            [match(cat(port, pl("ether", "saddr")), "@port_mac", "!="), DROP],
+            [
+                IS_ARP,
+                match(pl("arp", "saddr ip"), "0.0.0.0"),
+                match(cat(port, pl("arp", "saddr ether")), "@port_mac"),
+                RETURN,
+            ],
+            [
+                IS_ARP,
+                match(
+                    cat(port, pl("arp", "saddr ether"), pl("arp", "saddr ip")),
+                    "@binding",
+                    "!=",
+                ),
+                DROP,
+            ],
+            [
+                IS_IP,
+                match(cat(port, pl("ether", "saddr"), pl("ip", "saddr")), "@binding", "!="),
+                DROP,
+            ],
+            [match(pl("ether", "type"), {"set": ["ip", "arp"]}, "!="), counter(), DROP],
+        ],
+    )
+    out = meta("oifname")
+    b["ports_forward"] = (
+        {"type": "filter", "hook": "forward", "prio": -200, "policy": "accept"},
+        [
+            [match(port, "@exempt_ports"), ACCEPT],
+            [jump("police_source")],
+            [match(out, "@exempt_ports"), jump("to_exempt")],
+            [
+                UNICAST_DST,
+                match(cat(out, pl("ether", "daddr")), "@port_mac", "!="),
+                counter(),
+                DROP,
+            ],
+            # dom0 guarantees unique addresses: probes need not reach anyone
+            [IS_ARP, match(pl("arp", "saddr ip"), "0.0.0.0"), counter(), DROP],
+            [
+                IS_ARP,
+                match(cat(pl("arp", "saddr ip"), pl("arp", "daddr ip")), "@peers"),
+                match(cat(out, pl("arp", "daddr ip")), "@port_zone"),
+                ACCEPT,
+            ],
+            [IS_IP, match(pl("udp", "dport"), {"set": [67, 68]}), counter(), DROP],
+            [
+                IS_IP,
+                match(cat(pl("ip", "saddr"), pl("ip", "daddr")), "@peers"),
+                match(cat(out, pl("ip", "daddr")), "@port_zone"),
+                ACCEPT,
+            ],
+            [counter(), DROP],
+        ],
+    )
+    b["to_exempt"] = (
+        # a trusted port (or another bridge's): the address pair decides
+        None,
+        [
+            [IS_ARP, match(pl("arp", "saddr ip"), "0.0.0.0"), DROP],
+            [IS_ARP, match(cat(pl("arp", "saddr ip"), pl("arp", "daddr ip")), "@peers"), ACCEPT],
+            [IS_IP, match(pl("udp", "dport"), {"set": [67, 68]}), DROP],
+            [IS_IP, match(cat(pl("ip", "saddr"), pl("ip", "daddr")), "@peers"), ACCEPT],
+            [counter(), DROP],
+        ],
+    )
+    b["ports_input"] = (
+        {"type": "filter", "hook": "input", "prio": -200, "policy": "accept"},
+        [
+            [match(port, "@exempt_ports"), ACCEPT],
+            [match(cat(port, pl("ether", "saddr")), "@port_mac", "!="), counter(), DROP],
+            [
+                IS_IP,
+                match(meta("l4proto"), "udp"),
+                match(pl("udp", "dport"), 67),
+                jump("dhcp_request"),
+            ],
+            [jump("police_source")],
+        ],
+    )
+    b["dhcp_request"] = (
+        # A client's message, from any source address (0.0.0.0, its own, the
+        # one it held before a move: that is how it learns its new one), but
+        # only to dom0's DHCP server, and only about itself.
+        None,
+        [
+            [match(pl("udp", "sport"), 68, "!="), counter(), DROP],
+            [match(pl("ip", "daddr"), "@dhcp_server", "!="), counter(), DROP],
+            [match(th(OP), 1, "!="), counter(), DROP],  # BOOTREQUEST
+            [match(th(HTYPE_HLEN), 0x0106, "!="), counter(), DROP],  # Ethernet, 6 bytes
+            [match(th(GIADDR), 0, "!="), counter(), DROP],  # a client is not a relay
+            [
+                # chaddr is the frame's own source MAC, a machine of this port
+                match(cat(port, pl("ether", "saddr"), th(CHADDR)), "@dhcp_client", "!="),
+                counter(),
+                DROP,
+            ],
+            [ACCEPT],
+        ],
+    )
+    b["ports_output"] = (
+        {"type": "filter", "hook": "output", "prio": -200, "policy": "accept"},
+        [
+            [match(out, "@exempt_ports"), ACCEPT],
+            [
+                UNICAST_DST,
+                match(cat(out, pl("ether", "daddr")), "@port_mac", "!="),
+                counter(),
+                DROP,
+            ],
+            [
+                IS_IP,
+                match(meta("l4proto"), "udp"),
+                match(pl("udp", "sport"), 67),
+                match(cat(out, th(CHADDR)), "@dhcp_reply", "!="),
+                counter(),
+                DROP,
+            ],
+        ],
+    )
+    return b
+
+
+def _inet(shape: Shape) -> dict[str, Chain]:
+    bridge = shape.bridge
+    limits = shape.limits
+    # Machines arrive on the bridge, and (hub domains) through the hub's tunnels.
+    machine_ifs: Any = bridge if shape.hub is None else {"set": [bridge, shape.hub]}
+    i: dict[str, Chain] = {}
+    i["guard"] = (
+        {"type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"},
+        [[match(meta("iifname"), machine_ifs), match(meta("nfproto"), "ipv4"), jump("rpf")]],
+    )
+    i["rpf"] = (
+        # strict reverse-path filtering: a source address only from the
+        # interface its route leaves by (a second line behind the bridge's
+        # bindings); DHCP clients have no address yet
+        None,
+        [
+            [
+                match(meta("iifname"), bridge),
+                match(pl("udp", "sport"), 68),
+                match(pl("udp", "dport"), 67),
+                RETURN,
+            ],
+            [match({"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, False), counter(), DROP],
+        ],
+    )
+    i["related_check"] = (
+        # An ICMP error is related to the flow it quotes: accept it only from
+        # an endpoint of that flow, not from whoever copied its 5-tuple.
+        None,
+        [
+            [match(cat(pl("ip", "saddr"), ct("ip saddr", "original")), "@self4"), ACCEPT],
+            [match(cat(pl("ip", "saddr"), ct("ip saddr", "reply")), "@self4"), ACCEPT],
+            [counter(), DROP],
+        ],
+    )
+    i["machine_limits"] = (
+        # a new connection from a machine: within its share of conntrack
+        None,
+        [
+            [
+                over_count("conns", pl("ip", "saddr"), limits.connections_per_machine),
+                counter(),
+                DROP,
+            ],
+            [
+                over_rate("new_conns", pl("ip", "saddr"), limits.new_connections_per_second),
+                counter(),
+                DROP,
+            ],
+        ],
+    )
+    egress = shape.egress
+    from_machines: list[Rule] = [
+        [ESTABLISHED, ACCEPT],
+        [RELATED, jump("related_check")],
+        [match(meta("nfproto"), "ipv4", "!="), counter(), DROP],
+        # a machine is never a DHCP server, for anyone
+        [match(meta("l4proto"), "udp"), match(pl("udp", "sport"), 67), counter(), DROP],
+        [match(meta("l4proto"), "udp"), match(pl("udp", "dport"), 68), counter(), DROP],
+        [NEW, jump("machine_limits")],
+        [match(cat(pl("ip", "saddr"), pl("ip", "daddr")), "@reach"), ACCEPT],
+    ]
+    if egress:
+        from_machines.append(
+            [match(meta("oifname"), egress), match(pl("ip", "saddr"), "@egress"), ACCEPT]
+        )
+    from_machines.append([counter(), DROP])
+    i["from_machines"] = (None, from_machines)
+    i["to_machines"] = (
+        None,
+        [
+            [match(ct("state"), {"set": ["established", "related"]}, "in"), ACCEPT],
+            [counter(), DROP],
+        ],
+    )
+    i["forward"] = (
+        {"type": "filter", "hook": "forward", "prio": 0, "policy": "accept"},
+        [
+            [match(meta("iifname"), machine_ifs), jump("from_machines")],
+            [match(meta("oifname"), machine_ifs), jump("to_machines")],
+            # dom0 forwards for its machines only
+            [counter(), DROP],
+        ],
+    )
+    to_host: list[Rule] = [
+        [ESTABLISHED, ACCEPT],
+        [RELATED, jump("related_check")],
+        [match(meta("nfproto"), "ipv4", "!="), counter(), DROP],
+        # (the bridge table let through only well-formed client messages to dom0's server)
+        [
+            match(meta("iifname"), bridge),
+            match(pl("udp", "sport"), 68),
+            match(pl("udp", "dport"), 67),
+            ACCEPT,
+        ],
+        [NEW, jump("machine_limits")],
+    ]
+    if shape.hub and shape.underlay and shape.hub_port and shape.hub_gateway:
+        # a hub machine's bridge address may only dial the hub
+        to_host.append(
+            [
+                match(meta("iifname"), bridge),
+                match(pl("ip", "saddr"), prefix(shape.underlay)),
+                match(pl("ip", "daddr"), shape.hub_gateway),
+                match(pl("udp", "dport"), shape.hub_port),
+                ACCEPT,
+            ]
+        )
+    to_host += [
+        [
+            match(
+                cat(pl("ip", "saddr"), pl("ip", "daddr"), meta("l4proto"), pl("th", "dport")),
+                "@services",
+            ),
+            ACCEPT,
+        ],
+        [
+            match(pl("icmp", "type"), "echo-request"),
+            match(cat(pl("ip", "saddr"), pl("ip", "daddr")), "@ping"),
+            ACCEPT,
+        ],
+        # silence: no reject, no RST, no port unreachable
+        [counter(), DROP],
+    ]
+    i["to_host"] = (None, to_host)
+    i["host_in"] = (None, _host_in(shape))
+    i["input"] = (
+        {"type": "filter", "hook": "input", "prio": 0, "policy": "accept"},
+        [
+            [match(meta("iifname"), "lo"), ACCEPT],
+            [match(meta("iifname"), machine_ifs), jump("to_host")],
+            [jump("host_in")],
+        ],
+    )
+    if egress:
+        i["postrouting"] = (
+            {"type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"},
+            [
+                [
+                    match(meta("oifname"), egress),
+                    match(pl("ip", "saddr"), "@egress"),
+                    {"masquerade": None},
+                ]
+            ],
+        )
+    return i
+
+
+_ICMP_ERRORS = ["destination-unreachable", "time-exceeded", "parameter-problem"]
+_ICMPV6_NEEDED = [
+    "destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem",
+    "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert", "mld-listener-query",
+]  # fmt: skip
+
+
+def _host_in(shape: Shape) -> list[Rule]:
+    """dom0's own input from everything but its machines (the WAN, the
+    uplink, a management interface): what the installer's boot baseline
+    allowed, and nothing else."""
+    rules: list[Rule] = [
+        [match(ct("state"), {"set": ["established", "related"]}, "in"), ACCEPT],
+        [match(ct("state"), "invalid", "in"), DROP],
+        [match(pl("icmp", "type"), {"set": _ICMP_ERRORS}), ACCEPT],
+        [match(pl("icmpv6", "type"), {"set": _ICMPV6_NEEDED}), ACCEPT],
+    ]
+    if shape.ping:
+        rules.append([match(pl("icmp", "type"), "echo-request"), ACCEPT])
+        rules.append([match(pl("icmpv6", "type"), "echo-request"), ACCEPT])
+    if shape.dhcp_client:
+        rules.append([match(pl("udp", "sport"), 67), match(pl("udp", "dport"), 68), ACCEPT])
+        rules.append(
+            [
+                match(pl("ip6", "saddr"), prefix("fe80::/10")),
+                match(pl("udp", "sport"), 547),
+                match(pl("udp", "dport"), 546),
+                ACCEPT,
+            ]
+        )
+    rules.append(
+        [match(pl("ip", "saddr"), "@ssh4"), match(pl("tcp", "dport"), shape.ssh_port), ACCEPT]
+    )
+    rules.append(
+        [match(pl("ip6", "saddr"), "@ssh6"), match(pl("tcp", "dport"), shape.ssh_port), ACCEPT]
+    )
+    rules.append([counter(), DROP])
+    return rules
+
+
+# -- the kill switch -----------------------------------------------------------
+
+# What `wan.allow` lets through the kill switch, out and in.
+_WAN_ALLOW_OUT: dict[str, list[dict]] = {
+    "dhcp": [match(pl("udp", "sport"), 68), match(pl("udp", "dport"), 67)],
+    "dhcpv6": [match(pl("udp", "sport"), 546), match(pl("udp", "dport"), 547)],
+    "ndp": [
+        match(
+            pl("icmpv6", "type"),
+            {"set": ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]},
+        )
+    ],
+}
+_WAN_ALLOW_IN: dict[str, list[dict]] = {
+    "dhcp": [match(pl("udp", "sport"), 67), match(pl("udp", "dport"), 68)],
+    "dhcpv6": [match(pl("udp", "sport"), 547), match(pl("udp", "dport"), 546)],
+    "ndp": [
+        match(
+            pl("icmpv6", "type"),
+            {"set": ["nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert"]},
+        )
+    ],
+}
+
+
+def killswitch_marker(ks: KillSwitch) -> str:
+    digest = hashlib.sha256(
+        json.dumps([RULESET_VERSION, ks.to_json()], sort_keys=True).encode()
+    ).hexdigest()
+    return f"ks_{digest[:16]}"
+
+
+def killswitch_chains(ks: KillSwitch) -> dict[str, Chain]:
+    """Only the tunnel's own UDP (marked with its fwmark) to the endpoint
+    leaves the WAN, plus what `wan.allow` names; only replies and the same
+    allowances come in; nothing is forwarded in from it. IPv6 included: what
+    is not allowed is dropped whatever the family."""
+    family = "ip6" if ":" in ks.endpoint_host else "ip"
+    out: list[Rule] = [
+        [
+            match(meta("mark"), ks.fwmark),
+            match(pl(family, "daddr"), ks.endpoint_host),
+            match(pl("udp", "dport"), ks.endpoint_port),
+            ACCEPT,
+        ]
+    ]
+    inbound: list[Rule] = [[match(ct("state"), {"set": ["established", "related"]}, "in"), ACCEPT]]
+    for name in ks.allow:
+        out.append([*_WAN_ALLOW_OUT[name], ACCEPT])
+        inbound.append([*_WAN_ALLOW_IN[name], ACCEPT])
+    for fam in ("ip", "ip6"):
+        sources = [prefix(c) for c in ks.ssh_from if (":" in c) == (fam == "ip6")]
+        if sources:
+            inbound.append(
+                [
+                    match(pl(fam, "saddr"), {"set": sources}),
+                    match(pl("tcp", "dport"), ks.ssh_port),
+                    ACCEPT,
+                ]
+            )
+    if ks.ssh_from:
+        # answers to what came in (and only that: dom0's own connections out
+        # are the original direction, and stay dropped)
+        out.append(
+            [
+                match(ct("direction"), "reply"),
+                match(ct("state"), "established", "in"),
+                ACCEPT,
+            ]
+        )
+    out.append([counter(), DROP])
+    inbound.append([counter(), DROP])
+    return {
+        "wan_out": (None, out),
+        "wan_in": (None, inbound),
+        "leaving": (
+            # after NAT: what really leaves, whoever sent it (dom0 or forwarded)
+            {"type": "filter", "hook": "postrouting", "prio": 300, "policy": "accept"},
+            [[match(meta("oifname"), ks.wan), jump("wan_out")]],
+        ),
+        "arriving": (
+            {"type": "filter", "hook": "input", "prio": -10, "policy": "accept"},
+            [[match(meta("iifname"), ks.wan), jump("wan_in")]],
+        ),
+        "passing": (
+            {"type": "filter", "hook": "forward", "prio": -10, "policy": "accept"},
+            [
+                [
+                    match(meta("iifname"), ks.wan),
+                    match(ct("state"), {"set": ["established", "related"]}, "!="),
+                    counter(),
+                    DROP,
+                ]
+            ],
+        ),
+    }
