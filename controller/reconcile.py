@@ -25,7 +25,6 @@ from controller.core import inventory as inv
 from controller.core.allocation import Allocation, Ledger
 from controller.core.decide import Outcome, decide, decide_order
 from controller.core.desired import (
-    PORT_MAC,
     HubPeer,
     KillSwitch,
     MachineState,
@@ -135,7 +134,6 @@ class Reconciler:
         self.tables = inv.EMPTY
         self.inventory = inv.inventory(self.tables, policy.bridge)
         self.applied: dict[str, MachineState] = {}
-        self.applied_ports: dict[str, set[str]] = {}  # port -> MACs applied on it
         self.applied_policy: PolicyState | None = None
         # MAC -> (why, port): the latest refusals, bounded (a flood brings thousands)
         self.refused: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
@@ -281,23 +279,13 @@ class Reconciler:
         puts: list[Allocation] = []
         removed: list[str] = []
         desired: dict[str, MachineState | None] = {}
-        done_ports: set[str] = set()
-        while dirty:
-            for mac in dirty:
-                out = self._decide(mac, now)
-                puts += out.put
-                removed += [r.mac for r in out.released]
-                desired[mac] = out.state
-            for mac in removed:
-                desired[mac] = None
-            # Machines of one port share its elements: decide the port's
-            # other machines too, so that the difference of unions is exact.
-            ports = {p for mac in dirty for p in self._ports_of(mac, desired.get(mac))}
-            ports -= done_ports
-            done_ports |= ports
-            dirty = {
-                m for p in ports for m in self.ledger.on_port(p) | self.applied_ports.get(p, set())
-            } - set(desired)
+        for mac in dirty:
+            out = self._decide(mac, now)
+            puts += out.put
+            removed += [r.mac for r in out.released]
+            desired[mac] = out.state
+        for mac in removed:
+            desired[mac] = None
         self._commit(puts, removed)
         applied = {mac: self.applied.get(mac) for mac in desired}
         p = plan_machines(desired, applied)
@@ -329,25 +317,11 @@ class Reconciler:
             [a for a in now if a is not None], [m for m in touched if self.ledger.get(m) is None]
         )
 
-    def _ports_of(self, mac: str, state: MachineState | None) -> set[str]:
-        out = {port for port, _mac in (state.elements.get(PORT_MAC, ()) if state else ())}
-        applied = self.applied.get(mac)
-        if applied is not None:
-            out |= {port for port, _mac in applied.elements.get(PORT_MAC, ())}
-        return out
-
     def _set_applied(self, mac: str, state: MachineState | None) -> None:
-        old = self.applied.pop(mac, None)
-        for port, _mac in old.elements.get(PORT_MAC, ()) if old is not None else ():
-            macs = self.applied_ports.get(port)
-            if macs is not None:
-                macs.discard(mac)
-                if not macs:
-                    del self.applied_ports[port]
-        if state is not None:
+        if state is None:
+            self.applied.pop(mac, None)
+        else:
             self.applied[mac] = state
-            for port, _mac in state.elements.get(PORT_MAC, ()):
-                self.applied_ports.setdefault(port, set()).add(mac)
 
     def _apply_hosts(self, p: Plan) -> None:
         self.hosts.write(p.hosts_put, p.hosts_del)
@@ -475,10 +449,7 @@ class Reconciler:
                 self.store.commit_applied_machines(changes)
             if pstate != self.applied_policy:
                 self.store.commit_applied_policy(flatten(pstate, ()))
-        self.applied = {}
-        self.applied_ports = {}
-        for mac, m in machines.items():
-            self._set_applied(mac, m)
+        self.applied = dict(machines)
         self.applied_policy = pstate
 
     def _addresses(self, pstate: PolicyState) -> None:

@@ -11,9 +11,11 @@ Identity belongs to the port and the rule, not to a MAC the guest picks
   and takes nothing: no slot, no address, no name.
 - A new MAC on a full port that matches the rule of one of the port's
   machines *is* that machine: the slot, name, address and tunnel key follow
-  it (guests that randomize their MAC keep their identity). One that matches
-  another rule, or another domain, is refused: it never re-matches into
-  another domain.
+  it (guests that randomize their MAC keep their identity). On a port of one
+  machine that holds as soon as the bridge learns the new MAC; on a port of
+  several, once the bridge has forgotten the old one (a new MAC there may be
+  another machine). One that matches another rule, or another domain, is
+  refused: it never re-matches into another domain.
 - A machine is present while the bridge has learned its MAC on its bound
   port, or, once it has held its DHCP lease (`confirmed`), while that port
   exists (an idle VM whose FDB entry aged out is still there). A machine
@@ -120,9 +122,10 @@ def decide(
                 f"{target.domain!r}: one port, one domain",
             )
         if len(others) >= limit:
-            # The port's machine with a new MAC, if this MAC came later than
-            # that machine's (the bridge has forgotten it, or learned this one
-            # after it): stable whatever the order of decisions.
+            # The port's machine with a new MAC: one the bridge no longer
+            # sees there, or, on a port of one machine, whose MAC the bridge
+            # learned before this one (a guest's old MAC lingers in the FDB
+            # for the ageing time). Stable whatever the order of decisions.
             mine = inventory.learned.get(mac)
             same = [
                 h
@@ -130,7 +133,11 @@ def decide(
                 if h.rule == target.rule
                 and (
                     inventory.sightings.get(h.mac) != port
-                    or (mine is not None and mine > inventory.learned.get(h.mac, mine))
+                    or (
+                        limit == 1
+                        and mine is not None
+                        and mine > inventory.learned.get(h.mac, mine)
+                    )
                 )
             ]
             if not same:

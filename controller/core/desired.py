@@ -25,8 +25,7 @@ BINDING = ("bridge", "binding")  # ifname . ether_addr . ipv4_addr: its bridge a
 DHCP_CLIENT = ("bridge", "dhcp_client")  # ifname . ether_addr . chaddr: DHCP for itself only
 DHCP_REPLY = ("bridge", "dhcp_reply")  # ifname . chaddr: where a DHCP reply may go
 SELF4 = ("inet", "self4")  # ipv4_addr . ipv4_addr: (a, a) for each of its addresses
-# Per port (shared by the machines of one port, which are of one domain):
-PORT_ZONE = ("bridge", "port_zone")  # ifname . ipv4_addr (interval): the port's domain pool
+PORT_ADDR = ("bridge", "port_addr")  # ifname . ipv4_addr: the port that holds an address
 # Per policy:
 EXEMPT = ("bridge", "exempt_ports")  # ifname
 PEERS = ("bridge", "peers")  # ipv4_addr . ipv4_addr (interval): direct L2 allowed
@@ -39,12 +38,9 @@ ICMP = ("inet", "ping")  # pool . gateway: may ping dom0 there
 SSH4 = ("inet", "ssh4")  # ipv4_addr (interval): may reach dom0's sshd (host.ssh_from)
 SSH6 = ("inet", "ssh6")  # ipv6_addr (interval)
 
-MACHINE_SETS = (PORT_MAC, BINDING, DHCP_CLIENT, DHCP_REPLY, SELF4, PORT_ZONE)
+MACHINE_SETS = (PORT_MAC, BINDING, PORT_ADDR, DHCP_CLIENT, DHCP_REPLY, SELF4)
 POLICY_SETS = (EXEMPT, PEERS, DHCP_SERVER, REACH, EGRESS, SERVICE, ICMP, SSH4, SSH6)
 ALL_SETS = MACHINE_SETS + POLICY_SETS
-# Elements machines on one port may share: the incremental path always takes
-# a port's machines together, so that a difference of unions stays exact.
-PORT_SETS = (PORT_ZONE,)
 
 Element = tuple[str, ...]
 Address = tuple[str, str]  # (interface, "a.b.c.d/len")
@@ -217,16 +213,14 @@ def machine_state(policy: Policy, a: Allocation, public_key: str | None = None) 
         DHCP_CLIENT: frozenset({(a.port, a.mac, a.mac)}),
         DHCP_REPLY: frozenset({(a.port, a.mac)}),
         SELF4: frozenset((x, x) for x in {a.address, a.underlay} if x is not None),
-        PORT_ZONE: frozenset(),
+        PORT_ADDR: frozenset(),
     }
     dhcp = None
     if bridge_address is not None:
         elements[BINDING] = frozenset({(a.port, a.mac, bridge_address)})
+        elements[PORT_ADDR] = frozenset({(a.port, bridge_address)})
         tag = f"hub-{a.domain}" if a.underlay is not None else a.domain
         dhcp = DhcpHost(a.mac, bridge_address, label_of(policy, a), tag)
-    domain = policy.domains.get(a.domain)
-    if domain is not None and domain.members_reach and a.underlay is None:
-        elements[PORT_ZONE] = frozenset({(a.port, str(domain.pool))})
     peer = None
     if a.underlay is not None and a.address is not None and public_key is not None:
         peer = HubPeer(public_key, (f"{a.address}/32",))

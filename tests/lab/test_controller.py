@@ -219,9 +219,15 @@ def test_policy_change_moves_a_vm_and_the_firewall_follows(make_lab: Any) -> Non
     assert not vm.probe(lab, 1, vm.echo_url(), source=old, timeout=1.5).ok
 
 
+def settled(lab: Lab) -> None:
+    """The controller has seen every machine's lease (it marks them established)."""
+    wait_for(lambda: all(m["confirmed"] for m in controllerproc.status(lab)), what="leases seen")
+
+
 def test_invalid_policy_on_reload_changes_nothing(make_lab: Any) -> None:
     lab = make_lab(2, controller=True)
     ip = {i: lease.ip for i, lease in leases(lab).items()}
+    settled(lab)
     before_rules, before_machines = ruleset(lab), by_mac(lab)
     broken = lab.policy_path.read_text().replace('pool = "10.20.0.0/24"', 'pool = "10.10.0.128/25"')
     controllerproc.write_policy(lab, broken)
@@ -284,7 +290,7 @@ def test_plan_shows_what_would_change_and_changes_nothing(make_lab: Any) -> None
     lab = make_lab(2, controller=True)
     # (the controller has seen the leases: else `plan` would rightly show that
     # it would mark the machines established)
-    wait_for(lambda: all(m["confirmed"] for m in controllerproc.status(lab)), what="leases seen")
+    settled(lab)
     controllerproc.stop(lab)  # SIGTERM: the data plane stays
     rules = ruleset(lab)
 

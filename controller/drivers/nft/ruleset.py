@@ -18,10 +18,11 @@ stops):
 - `ports_forward` (port to port): a unicast frame only to the port its MAC is
   bound to (FDB poisoning teaches nothing); ARP probes never cross ports;
   no DHCP between ports; IPv4 and ARP only between addresses that may talk
-  directly (`peers`) *and* only to a port whose machines are of the
-  destination's domain (`port_zone`): the output port is checked, not just
-  the address pair, so neither a forged destination MAC nor a broadcast
-  carries a frame into another domain.
+  directly (`peers`) *and* only out of the port that holds the destination
+  address (`port_addr`): the output port is checked, not just the address
+  pair, so neither a forged destination MAC nor a broadcast carries a frame
+  into another domain. IPv4 broadcast and multicast never cross ports; an
+  ARP request reaches only the port holding the address it asks for.
 - `ports_input` (port to dom0): nothing from unknown MACs; DHCP client
   messages are checked field by field (`dhcp_request`) before anything else,
   so that the DHCP exception cannot carry a forged source anywhere but to
@@ -59,8 +60,8 @@ from controller.core.desired import (
     EXEMPT,
     ICMP,
     PEERS,
+    PORT_ADDR,
     PORT_MAC,
-    PORT_ZONE,
     REACH,
     SELF4,
     SERVICE,
@@ -131,7 +132,7 @@ SETS: dict[tuple[str, str], SetSpec] = {
             ("ifname", "chaddr"),
             typeof=f"meta oifname . @th,{CHADDR[0]},{CHADDR[1]}",
         ),
-        SetSpec("bridge", PORT_ZONE[1], ("ifname", "ipv4_addr"), interval=True),
+        SetSpec("bridge", PORT_ADDR[1], ("ifname", "ipv4_addr")),
         SetSpec("bridge", PEERS[1], ("ipv4_addr", "ipv4_addr"), interval=True),
         SetSpec("bridge", DHCP_SERVER[1], ("ipv4_addr",)),
         SetSpec("inet", REACH[1], ("ipv4_addr", "ipv4_addr"), interval=True),
@@ -328,14 +329,14 @@ def _bridge(shape: Shape) -> dict[str, Chain]:
             [
                 IS_ARP,
                 match(cat(pl("arp", "saddr ip"), pl("arp", "daddr ip")), "@peers"),
-                match(cat(out, pl("arp", "daddr ip")), "@port_zone"),
+                match(cat(out, pl("arp", "daddr ip")), "@port_addr"),
                 ACCEPT,
             ],
             [IS_IP, match(pl("udp", "dport"), {"set": [67, 68]}), counter(), DROP],
             [
                 IS_IP,
                 match(cat(pl("ip", "saddr"), pl("ip", "daddr")), "@peers"),
-                match(cat(out, pl("ip", "daddr")), "@port_zone"),
+                match(cat(out, pl("ip", "daddr")), "@port_addr"),
                 ACCEPT,
             ],
             [counter(), DROP],
