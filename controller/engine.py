@@ -99,7 +99,7 @@ class Controller:
             with trio.move_on_after(self.resync_every) as scope:
                 self._take(await self.recv.receive())
             if scope.cancelled_caught:
-                rec.dirty_all = True
+                rec.request_resync()
             while True:  # coalesce whatever else is queued
                 try:
                     self._take(self.recv.receive_nowait())
@@ -110,9 +110,7 @@ class Controller:
                     rec.reconcile()
                 except Exception as e:  # the data plane stays; try again from scratch
                     log.exception("reconcile failed")
-                    rec.stats.errors += 1
-                    rec.stats.last_error = str(e)
-                    rec.force_rebuild = True
+                    rec.failed(str(e))
                     await trio.sleep(1)
                     await self.send.send(Resync("after a failure"))
 
@@ -120,7 +118,7 @@ class Controller:
         if isinstance(item, Reload):
             self._reload(item.why)
         elif isinstance(item, Resync):
-            self.reconciler.dirty_all = True
+            self.reconciler.request_resync()
         else:
             self.reconciler.observe(item)
 

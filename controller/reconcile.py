@@ -214,6 +214,21 @@ class Reconciler:
         self.policy = policy
         self.dirty_all = True
 
+    def request_resync(self) -> None:
+        """The next reconcile is a full sync against what the kernel holds."""
+        self.dirty_all = True
+
+    def request_rebuild(self) -> None:
+        """The next reconcile writes dom0's tables whole (after an error)."""
+        self.force_rebuild = True
+
+    def failed(self, what: str) -> None:
+        """A reconcile failed outside the drivers' own handling: count it and
+        start over from scratch next time (the data plane stays meanwhile)."""
+        self.stats.errors += 1
+        self.stats.last_error = what
+        self.force_rebuild = True
+
     @property
     def pending(self) -> bool:
         return self.dirty_all or bool(self.dirty) or self.force_rebuild

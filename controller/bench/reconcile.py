@@ -89,7 +89,7 @@ def measure(size: int, runs: int, rebuilds: int, work: Path) -> dict:
     full: list[float] = []
     nft_only: list[float] = []
     for _ in range(rebuilds):
-        rec.force_rebuild = True
+        rec.request_rebuild()
         t0 = time.perf_counter()
         rec.reconcile()
         full.append(time.perf_counter() - t0)
