@@ -87,28 +87,6 @@ def request(state_dir: str | Path, cmd: str, timeout: float = 5.0, **args: objec
     return json.loads(data)
 
 
-def format_status(reply: dict) -> str:
-    machines = reply.get("machines", [])
-    cols = ["mac", "port", "state", "rule", "domain", "name", "address"]
-    rows = [[str(m.get(c) or "-") for c in cols] for m in machines]
-    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
-    lines = [
-        f"policy {reply.get('policy')}  bridge {reply.get('bridge')}  "
-        f"machines {len(machines)}  reconciles {reply.get('stats', {}).get('reconciles')}  "
-        f"errors {reply.get('stats', {}).get('errors')}  "
-        f"refusals {reply.get('stats', {}).get('refusals', 0)}"
-    ]
-    if reply.get("last_policy_error"):
-        lines.append(f"policy reload refused: {reply['last_policy_error']}")
-    lines.append("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
-    for r in rows:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
-    for m in machines:
-        if m.get("reason"):
-            lines.append(f"{m['mac']}: {m['reason']}")
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def status_command(state_dir: str, *, as_json: bool = False) -> int:
     try:
         reply = request(state_dir, "status")
@@ -125,5 +103,7 @@ def status_command(state_dir: str, *, as_json: bool = False) -> int:
     if as_json:
         print(json.dumps(reply, indent=2))
     else:
+        from controller.api.status import format_status
+
         print(format_status(reply))
     return 0 if reply.get("ok", True) else 1

@@ -1,10 +1,14 @@
-"""`dom0 run`: the always-on controller.
+"""`dom0 run`: the always-on controller, its tasks wired together.
 
-One trio nursery owns every task: the netlink source, the reconcile loop,
-dnsmasq's supervisor, the policy watcher, signal handling and the control
-socket. Source events, reload and resync requests all go through one
-channel into the reconcile loop, which folds whatever has queued up and then
-reconciles once: bursts of events coalesce into one transaction.
+One trio nursery owns every task: the netlink and lease sources, the
+reconcile loop, dnsmasq's supervisor, the policy watcher, the resync and
+kill-switch timers, signal handling and the control socket. Source events,
+reload, resync and check requests all go through one channel (of `Item`)
+into the reconcile loop, which folds whatever has queued up and then
+reconciles once: bursts of events coalesce into one transaction. The
+periodic resync runs on its period whatever events arrive, and re-reads
+netlink as well as every driver; the kill switch's table is checked more
+often than the rest.
 
 SIGTERM (or SIGINT) stops the controller and leaves the data plane in place:
 nftables tables, gateway addresses and dnsmasq keep working, fail-closed.
@@ -20,24 +24,26 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from controller import control, wgexport
-from controller.core.desired import fqdn_of
+from controller import control
+from controller.api import handlers, status
+from controller.core import inventory as inv
+from controller.core.leases import Leases
 from controller.drivers.addresses import Addresses, enable_forwarding
 from controller.drivers.dhcp import Dnsmasq
 from controller.drivers.nft import Nft
-from controller.drivers.tunnels import Tunnels, machine_key_path
-from controller.drivers.wireguard import WireGuard, detect, keys
+from controller.drivers.tunnels import Tunnels
+from controller.drivers.wireguard import WireGuard, detect
 from controller.policy.load import PolicyError, load_or_report, load_policy
 from controller.policy.model import Policy
 from controller.reconcile import Reconciler
 from controller.sources import leases
+from controller.sources.netlink import NetlinkSource
 
 log = logging.getLogger("dom0")
 
@@ -50,6 +56,17 @@ class Reload:
 @dataclass(frozen=True)
 class Resync:
     why: str
+    periodic: bool = False  # by the clock: what it changes is drift, repaired
+
+
+@dataclass(frozen=True)
+class CheckKillswitch:
+    pass
+
+
+# Everything the reconcile loop takes.
+Item = inv.Event | Leases | Reload | Resync | CheckKillswitch
+KILLSWITCH_CHECK = 5.0  # seconds, at most (and at most half the resync period)
 
 
 class Controller:
@@ -69,22 +86,23 @@ class Controller:
             tunnels=Tunnels(_wireguard(state_dir), addresses.ipr, state_dir),
         )
         self.last_policy_error: str | None = None
-        self.send, self.recv = trio.open_memory_channel[object](10_000)
+        self.send, self.recv = trio.open_memory_channel[Item](10_000)
 
     # -- tasks -------------------------------------------------------------------
     async def run(self) -> None:
-        from controller.sources.netlink import NetlinkSource
-
         # Before any source, tunnel or machine: nothing leaves the WAN outside
         # the tunnel from here on.
         self.reconciler.early()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals, nursery.cancel_scope)
             nursery.start_soon(self.dnsmasq.run)
-            await nursery.start(NetlinkSource().run, self.send.clone())
+            netlink = NetlinkSource()
+            await nursery.start(netlink.run, self.send.clone())
             await nursery.start(leases.watch, self.dnsmasq.hosts.root / "leases", self.send.clone())
             nursery.start_soon(self._loop)
             nursery.start_soon(self._watch_policy)
+            nursery.start_soon(self._resync_timer, netlink)
+            nursery.start_soon(self._killswitch_timer)
             await nursery.start(control.serve, self.state_dir, self._handle)
             log.info(
                 "controller running: policy %s, bridge %s, state %s",
@@ -96,10 +114,7 @@ class Controller:
     async def _loop(self) -> None:
         rec = self.reconciler
         while True:
-            with trio.move_on_after(self.resync_every) as scope:
-                self._take(await self.recv.receive())
-            if scope.cancelled_caught:
-                rec.request_resync()
+            self._take(await self.recv.receive())
             while True:  # coalesce whatever else is queued
                 try:
                     self._take(self.recv.receive_nowait())
@@ -111,14 +126,29 @@ class Controller:
                 except Exception as e:  # the data plane stays; try again from scratch
                     log.exception("reconcile failed")
                     rec.failed(str(e))
-                    await trio.sleep(1)
+                    await trio.sleep(1)  # (not a busy loop against a broken kernel)
                     await self.send.send(Resync("after a failure"))
 
-    def _take(self, item: object) -> None:
+    async def _resync_timer(self, netlink: NetlinkSource) -> None:
+        """Every period, whatever else happens: a fresh netlink dump, then a
+        full sync against every driver (drift is repaired, and counted)."""
+        while True:
+            await trio.sleep(self.resync_every)
+            await netlink.resync()
+            await self.send.send(Resync("periodic", periodic=True))
+
+    async def _killswitch_timer(self) -> None:
+        while True:
+            await trio.sleep(min(KILLSWITCH_CHECK, self.resync_every / 2))
+            await self.send.send(CheckKillswitch())
+
+    def _take(self, item: Item) -> None:
         if isinstance(item, Reload):
             self._reload(item.why)
         elif isinstance(item, Resync):
-            self.reconciler.request_resync()
+            self.reconciler.request_resync(periodic=item.periodic)
+        elif isinstance(item, CheckKillswitch):
+            self.reconciler.check_killswitch()
         else:
             self.reconciler.observe(item)
 
@@ -131,11 +161,13 @@ class Controller:
                 log.error("policy reload (%s) refused: %s", why, p)
             log.error("keeping the last good policy")
             self.policy_digest = _digest(self.policy_path)
+            self.reconciler.bump()
             return
         self.last_policy_error = None
         self.policy_digest = _digest(self.policy_path)
         if policy == self.reconciler.policy:
             log.info("policy reload (%s): unchanged", why)
+            self.reconciler.bump()
             return
         log.info("policy reload (%s): applying %s", why, self.policy_path)
         self.reconciler.set_policy(policy)
@@ -162,82 +194,25 @@ class Controller:
 
     # -- control socket ------------------------------------------------------------
     def _handle(self, request: dict) -> dict:
-        rec = self.reconciler
-        cmd = request["cmd"]
-        if cmd == "status":
-            s = rec.stats
-            return {
-                "ok": True,
-                "policy": str(self.policy_path),
-                "bridge": rec.policy.bridge,
-                "last_policy_error": self.last_policy_error,
-                "dnsmasq_pid": self.dnsmasq.pid,
-                "stats": {
-                    "reconciles": s.reconciles,
-                    "syncs": s.syncs,
-                    "rebuilds": s.rebuilds,
-                    "errors": s.errors,
-                    "refusals": s.refusals,
-                    "last_error": s.last_error,
-                    "uptime": round(time.time() - s.started, 1),
-                },
-                "machines": [m.to_json() for m in rec.machines()],
-            }
-        if cmd == "wg-export":
-            return self._wg_export(request.get("name"))
-        if cmd in ("reload", "resync"):
+        def post(cmd: str) -> bool:
             item = Reload("control socket") if cmd == "reload" else Resync("control socket")
             try:
                 self.send.send_nowait(item)
             except trio.WouldBlock:
-                return {"ok": False, "error": "busy, try again"}
-            return {"ok": True}
-        return {"ok": False, "error": f"unknown command {cmd!r}, expected status, reload or resync"}
+                return False
+            return True
 
-    def _wg_export(self, name: object) -> dict:
-        rec = self.reconciler
-        if not isinstance(name, str) or not 0 < len(name) <= 253:
-            return {"ok": False, "usage": True, "error": "NAME: expected a machine name or MAC"}
-        a = rec.find(name)
-        if a is None:
-            return {
-                "ok": False,
-                "usage": True,
-                "error": f"{name}: no such machine (see dom0 status)",
-            }
-        hub = rec.policy.hub
-        if hub is None or a.underlay is None or a.address is None or a.absent_since is not None:
-            return {
-                "ok": False,
-                "usage": True,
-                "error": f"{name}: not a present machine of a hub domain (its domain needs hub = true)",
-            }
-        if rec.tunnels is None:
-            return {"ok": False, "error": "this controller runs without WireGuard"}
-        private = keys.load(machine_key_path(self.state_dir, a.key_id))
-        hub_key = rec.tunnels.hub_public_key(rec.applied_policy.hub)  # type: ignore[union-attr]
-        fqdn = fqdn_of(rec.policy, a)
-        endpoint = f"{hub.gateway}:{hub.listen_port}"
-        config = wgexport.render(
-            fqdn=fqdn,
-            mac=a.mac,
-            private_key=keys.to_base64(private.secret_bytes()),
-            address=a.address,
-            hub_public_key=hub_key,
-            endpoint=endpoint,
-            mtu=hub.mtu,
+        return handlers.dispatch(
+            request,
+            status=lambda: status.status(
+                self.reconciler,
+                policy=str(self.policy_path),
+                last_policy_error=self.last_policy_error,
+                dnsmasq_pid=self.dnsmasq.pid,
+            ),
+            post=post,
+            export=lambda name: handlers.wg_export(self.reconciler, self.state_dir, name),
         )
-        log.info("wg export: handed out the tunnel configuration of %s", fqdn)
-        return {
-            "ok": True,
-            "name": fqdn,
-            "mac": a.mac,
-            "address": a.address,
-            "underlay": a.underlay,
-            "endpoint": endpoint,
-            "public_key": keys.to_base64(private.public),
-            "config": config,
-        }
 
 
 def _wireguard(state_dir: Path) -> Callable[[], WireGuard]:

@@ -2,7 +2,9 @@
 
 Reads the policy, the state store (read-only) and the bridge as netlink
 shows it in this network namespace; decides on a throw-away copy of the
-allocations; prints desired minus last applied. Changes nothing.
+allocations (the controller's own decision loop, `core.decide.decide_many`);
+observes every driver exactly as a full sync does, read-only; prints the
+plan between the two — what the next sync would apply. Changes nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import trio
 
 from controller.core import inventory as inv
 from controller.core.allocation import Ledger
-from controller.core.decide import decide, decide_order
+from controller.core.decide import decide_many
 from controller.core.desired import fqdn_of, policy_state
 from controller.core.leases import parse_leases
-from controller.core.plan import EMPTY, Flat, flatten, plan, with_machines
-from controller.drivers.tunnels import machine_public_key
+from controller.core.plan import flatten, plan
+from controller.dataplane import DataPlane
 from controller.policy.load import load_or_report
 from controller.store import Store, StoreError
 
@@ -33,70 +35,93 @@ async def _snapshot() -> inv.Tables:
         await nursery.start(NetlinkSource().run, send)
         first = await recv.receive()
         nursery.cancel_scope.cancel()
-    return inv.fold(inv.EMPTY, first)
+    return inv.fold(inv.EMPTY, first)  # type: ignore[arg-type]
 
 
-def applied_flat(store: Store | None) -> Flat:
-    """What was last applied, policy and machines together."""
-    if store is None:
-        return EMPTY
-    base = store.applied_policy()
-    if base.shape is None:
-        return EMPTY
-    return with_machines(base, store.applied_machines().values())
+def _dataplane(state: Path) -> DataPlane:
+    """The drivers, for looking only: nothing here writes a file, a key, a
+    table or an address."""
+    from controller.drivers.addresses import Addresses
+    from controller.drivers.dhcp import Dnsmasq
+    from controller.drivers.nft import Nft
+    from controller.drivers.tunnels import Tunnels
+    from controller.drivers.wireguard import detect
+
+    addresses = Addresses()
+    found = []
+
+    def wg():  # type: ignore[no-untyped-def]
+        if not found:
+            d = state / "wireguard"
+            found.append(detect(d, log_dir=d))
+        return found[0]
+
+    dnsmasq = Dnsmasq(state, readonly=True)
+    return DataPlane(
+        nft=Nft(),
+        hosts=dnsmasq.hosts,
+        addresses=addresses,
+        dhcp=dnsmasq,
+        tunnels=Tunnels(wg, addresses.ipr, state),
+    )
 
 
 def plan_command(policy_file: str, state_dir: str, *, as_json: bool = False) -> int:
     policy = load_or_report(policy_file, "dom0 plan")
     if policy is None:
         return 2
+    state = Path(state_dir)
     store: Store | None = None
-    if (Path(state_dir) / "state.sqlite").exists():
+    if (state / "state.sqlite").exists():
         try:
             store = Store(state_dir, readonly=True)
         except (StoreError, OSError) as e:
             print(f"dom0 plan: {state_dir}: {e}", file=sys.stderr)
             return 1
+    from controller.drivers.machine_keys import MachineKeys
+
     ledger = Ledger(store.allocations() if store else ())
     tables = trio.run(_snapshot)
     inventory = inv.inventory(tables, policy.bridge)
     now = int(time.time())
     try:
-        text = (Path(state_dir) / "dhcp" / "leases").read_text(errors="replace")
+        text = (state / "dhcp" / "leases").read_text(errors="replace")
     except OSError:
         text = ""
-    leased = parse_leases(text, now).by_mac
-    machines = {}
-    decisions = []
-    for mac in decide_order(ledger, set(inventory.sightings) | set(ledger.by_mac)):
-        out = decide(
-            policy,
-            inventory,
-            ledger,
-            mac,
-            now,
-            lambda key: machine_public_key(Path(state_dir), key, create=False),
-            leased,
+    d = decide_many(
+        policy,
+        inventory,
+        ledger,
+        set(inventory.sightings) | set(ledger.by_mac),
+        now,
+        MachineKeys(state).public(),
+        parse_leases(text, now).by_mac,
+    )
+    decisions: list[dict] = []
+    for mac in d.touched:
+        a = ledger.get(mac)
+        if a is None:
+            decisions.append({"mac": mac, "released": True})
+            continue
+        decisions.append(
+            {
+                "mac": a.mac,
+                "rule": a.rule,
+                "slot": a.slot,
+                "name": fqdn_of(policy, a),
+                "address": a.address,
+                "port": a.port,
+                "absent": a.absent_since is not None,
+                "confirmed": a.confirmed,
+            }
         )
-        if out.state is not None:
-            machines[mac] = out.state
-        for a in out.put:
-            decisions.append(
-                {
-                    "mac": a.mac,
-                    "rule": a.rule,
-                    "slot": a.slot,
-                    "name": fqdn_of(policy, a),
-                    "address": a.address,
-                    "port": a.port,
-                    "absent": a.absent_since is not None,
-                }
-            )
+    for mac, out in d.outcomes.items():
         if out.refused:
             decisions.append({"mac": mac, "refused": out.refused})
     pstate = policy_state(policy, inventory.foreign_ports)
-    desired = flatten(pstate, machines.values())
-    p = plan(desired, applied_flat(store))
+    desired = flatten(pstate, [m for m in d.states.values() if m is not None])
+    observed = _dataplane(state).observe(desired, {policy.bridge})
+    p = plan(desired, observed)
     if as_json:
         print(
             json.dumps(
@@ -113,14 +138,16 @@ def plan_command(policy_file: str, state_dir: str, *, as_json: bool = False) -> 
         return 0
     if inventory.bridge_index is None:
         print(f"note: bridge {policy.bridge} does not exist in this network namespace")
-    for d in decisions:
-        if "refused" in d:
-            print(f"machine: {d['mac']} refused: {d['refused']}")
-        elif d["absent"]:
-            print(f"machine: {d['mac']} gone; keeps {d['name']} {d['address']} until released")
+    for x in decisions:
+        if "refused" in x:
+            print(f"machine: {x['mac']} refused: {x['refused']}")
+        elif "released" in x:
+            print(f"machine: {x['mac']} released")
+        elif x["absent"]:
+            print(f"machine: {x['mac']} gone; keeps {x['name']} {x['address']} until released")
         else:
             print(
-                f"machine: {d['mac']} on {d['port']} -> {d['name']} {d['address'] or '(no address)'}"
+                f"machine: {x['mac']} on {x['port']} -> {x['name']} {x['address'] or '(no address)'}"
             )
     lines = p.lines()
     for line in lines:

@@ -3,9 +3,12 @@
 Level-triggered: events only mark machines dirty; `reconcile` then decides
 and applies the difference for those machines (the incremental path, whose
 cost does not grow with the number of machines), or for everything (`sync`:
-at start, after a reload, after an error, and periodically against the
-kernel to repair drift). A lost or duplicated event can delay the result,
-never corrupt it.
+at start, after a reload, after an error, and periodically against what the
+drivers hold, to repair drift). Both paths decide through
+`core.decide.decide_many` and hand a `core.plan.Plan` to
+`DataPlane.apply`; a full sync's plan is `plan(desired, observed)`, where
+observed is what every driver reports holding. A lost or duplicated event
+can delay the result, never corrupt it.
 
 Order matters for crash safety: allocations are committed to the store
 before the data plane hears of them, so nothing ever hands out an address
@@ -23,21 +26,17 @@ from pathlib import Path
 
 from controller.core import inventory as inv
 from controller.core.allocation import Allocation, Ledger
-from controller.core.decide import Outcome, decide, decide_order
-from controller.core.desired import (
-    HubPeer,
-    KillSwitch,
-    MachineState,
-    PolicyState,
-    fqdn_of,
-    policy_state,
-)
+from controller.core.decide import Outcome, decide_many
+from controller.core.desired import MachineState, PolicyState, fqdn_of, machine_state, policy_state
 from controller.core.leases import Leases
-from controller.core.plan import Plan, flatten, host_diff, plan_machines, set_diff
-from controller.drivers.addresses import AddressError, Addresses
+from controller.core.plan import Flat, Plan, flatten, plan, plan_machines
+from controller.dataplane import DataPlane
+from controller.dataplane import Outcome as Applied
+from controller.drivers.addresses import Addresses
 from controller.drivers.dhcp import Dnsmasq, HostsDir
-from controller.drivers.nft import Nft, NftError
-from controller.drivers.tunnels import Tunnels, machine_public_key
+from controller.drivers.machine_keys import MachineKeys
+from controller.drivers.nft import Nft
+from controller.drivers.tunnels import Tunnels
 from controller.policy.model import QUARANTINE, Policy
 from controller.store import Store
 
@@ -70,6 +69,9 @@ class Stats:
     rebuilds: int = 0
     errors: int = 0
     refusals: int = 0  # MACs refused (port security, full pools), counted per decision
+    repairs: int = 0  # changes a periodic resync found necessary: drift repaired
+    last_repair: list[str] = field(default_factory=list)  # what the latest repair changed
+    generation: int = 0  # bumped after every applied reconcile and every reload outcome
     last_error: str | None = None
     last_reconcile: float | None = None
     started: float = field(default_factory=time.time)
@@ -119,6 +121,7 @@ class Reconciler:
         addresses: Addresses | None,
         dnsmasq: Dnsmasq | None,
         tunnels: Tunnels | None = None,
+        keys: MachineKeys | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.policy = policy
@@ -126,10 +129,13 @@ class Reconciler:
         self.store = Store(state_dir)
         self.ledger = Ledger(self.store.allocations())
         self.nft = nft
-        self.addresses = addresses
-        self.dnsmasq = dnsmasq
         self.tunnels = tunnels
+        self.dnsmasq = dnsmasq
         self.hosts = dnsmasq.hosts if dnsmasq else HostsDir(state_dir)
+        self.dataplane = DataPlane(
+            nft=nft, hosts=self.hosts, addresses=addresses, dhcp=dnsmasq, tunnels=tunnels
+        )
+        self.keys = keys if keys is not None else MachineKeys(state_dir)
         self.clock = clock
         self.tables = inv.EMPTY
         self.inventory = inv.inventory(self.tables, policy.bridge)
@@ -142,6 +148,7 @@ class Reconciler:
         self.dirty: set[str] = set()
         self.dirty_all = True  # the first reconcile is a full sync
         self.force_rebuild = False
+        self.periodic = False  # the pending full sync is a periodic one: changes are repairs
         self.stats = Stats()
 
     # -- observing -------------------------------------------------------------
@@ -214,8 +221,11 @@ class Reconciler:
         self.policy = policy
         self.dirty_all = True
 
-    def request_resync(self) -> None:
-        """The next reconcile is a full sync against what the kernel holds."""
+    def request_resync(self, periodic: bool = False) -> None:
+        """The next reconcile is a full sync against what the drivers hold;
+        `periodic`: nothing asked for it but the clock, so whatever it changes
+        is drift, repaired (and counted)."""
+        self.periodic = periodic and not self.dirty_all
         self.dirty_all = True
 
     def request_rebuild(self) -> None:
@@ -229,16 +239,40 @@ class Reconciler:
         self.stats.last_error = what
         self.force_rebuild = True
 
+    def bump(self) -> None:
+        """Something an observer may wait for happened (see Stats.generation)."""
+        self.stats.generation += 1
+
     @property
     def pending(self) -> bool:
         return self.dirty_all or bool(self.dirty) or self.force_rebuild
 
     # -- deciding --------------------------------------------------------------
-    def _key(self, key_id: str) -> str:
-        return machine_public_key(self.state_dir, key_id)
+    def _decide(self, macs: set[str], now: int) -> dict[str, MachineState | None]:
+        """Decide `macs`, create the tunnel keys the decisions ask for, commit
+        the allocations; the machines' desired states."""
+        self.inventory = inv.inventory(self.tables, self.policy.bridge)
+        d = decide_many(
+            self.policy, self.inventory, self.ledger, macs, now, self.keys.public(), self.leased
+        )
+        for key_id in d.keys_needed:
+            self.keys.create(key_id)
+        states = dict(d.states)
+        if d.keys_needed:
+            for mac, state in states.items():
+                a = self.ledger.get(mac)
+                if state is not None and a is not None and a.key_id in d.keys_needed:
+                    states[mac] = machine_state(self.policy, a, self.keys.public()[a.key_id])
+        for mac, out in d.outcomes.items():
+            self._report(mac, out)
+        self.store.commit_allocations(
+            [a for m in d.touched if (a := self.ledger.get(m)) is not None],
+            [m for m in d.touched if self.ledger.get(m) is None],
+        )
+        return states
 
-    def _decide(self, mac: str, now: int) -> Outcome:
-        out = decide(self.policy, self.inventory, self.ledger, mac, now, self._key, self.leased)
+    def _report(self, mac: str, out: Outcome) -> None:
+        """Log and count one decision (refusals within the log's budget)."""
         if out.refused:
             if self.refused.get(mac, (None,))[0] != out.refused:
                 self.stats.refusals += 1
@@ -278,7 +312,13 @@ class Reconciler:
             log.info(
                 "released %s/%d (%s) of machine %s (%s)", r.rule, r.slot, r.address, r.mac, why
             )
-        return out
+
+    def desired(self, now: int) -> tuple[PolicyState, dict[str, MachineState]]:
+        """Decide for every machine (present or known) and commit the result."""
+        self.inventory = inv.inventory(self.tables, self.policy.bridge)
+        states = self._decide(set(self.inventory.sightings) | set(self.ledger.by_mac), now)
+        machines = {mac: s for mac, s in states.items() if s is not None}
+        return policy_state(self.policy, self.inventory.foreign_ports), machines
 
     # -- applying --------------------------------------------------------------
     def reconcile(self) -> None:
@@ -287,202 +327,99 @@ class Reconciler:
         self.stats.last_reconcile = self.clock()
         if self.dirty_all or self.force_rebuild:
             self.sync()
+            self.bump()
             return
         dirty, self.dirty = self.dirty, set()
-        self.inventory = inv.inventory(self.tables, self.policy.bridge)
-        now = int(self.clock())
-        puts: list[Allocation] = []
-        removed: list[str] = []
-        desired: dict[str, MachineState | None] = {}
-        for mac in dirty:
-            out = self._decide(mac, now)
-            puts += out.put
-            removed += [r.mac for r in out.released]
-            desired[mac] = out.state
-        for mac in removed:
-            desired[mac] = None
-        self._commit(puts, removed)
-        applied = {mac: self.applied.get(mac) for mac in desired}
-        p = plan_machines(desired, applied)
-        if p.empty:
-            return
-        try:
-            self.nft.apply(p)
-        except NftError as e:
-            self._failed(f"nftables: {e}")
-            return
-        self._apply_hosts(p)
-        if (p.peers_put or p.peers_del) and self.tunnels is not None:
-            hub = self.applied_policy.hub if self.applied_policy else None
-            if hub is not None:
-                try:
-                    self.tunnels.hub_peers(hub, dict(p.peers_put), p.peers_del)
-                except Exception as e:
-                    self._failed(f"hub peers: {e}")
-        for mac, state in desired.items():
-            self._set_applied(mac, state)
-        self.store.commit_applied_machines(desired)
+        desired = self._decide(dirty, int(self.clock()))
+        p = plan_machines(desired, {mac: self.applied.get(mac) for mac in desired})
+        if not p.empty:
+            hub = self.applied_policy.hub if self.applied_policy is not None else None
+            applied = self.dataplane.apply(p, hub=hub)
+            self._count(applied)
+            if applied.nft_failed:
+                self.force_rebuild = True  # the change trackers are spent: start over
+                return
+            for mac, state in desired.items():
+                if state is None:
+                    self.applied.pop(mac, None)
+                else:
+                    self.applied[mac] = state
+        self.bump()
 
-    def _commit(self, puts: list[Allocation], removed: list[str]) -> None:
-        """Into the store, what the ledger now holds for every MAC decided
-        (a MAC may have been put, then taken over, in one batch)."""
-        touched = dict.fromkeys([a.mac for a in puts] + removed)
-        now = [self.ledger.get(m) for m in touched]
-        self.store.commit_allocations(
-            [a for a in now if a is not None], [m for m in touched if self.ledger.get(m) is None]
-        )
-
-    def _set_applied(self, mac: str, state: MachineState | None) -> None:
-        if state is None:
-            self.applied.pop(mac, None)
-        else:
-            self.applied[mac] = state
-
-    def _apply_hosts(self, p: Plan) -> None:
-        self.hosts.write(p.hosts_put, p.hosts_del)
-
-    def _failed(self, what: str) -> None:
-        self.stats.errors += 1
-        self.stats.last_error = what
-        log.error("%s; rebuilding dom0's tables from scratch", what)
-        self.force_rebuild = True
-
-    def desired_all(self, now: int) -> tuple[PolicyState, dict[str, MachineState]]:
-        """Decide for every machine (present or known) and commit the result."""
-        self.inventory = inv.inventory(self.tables, self.policy.bridge)
-        macs = set(self.inventory.sightings) | set(self.ledger.by_mac)
-        puts: list[Allocation] = []
-        removed: list[str] = []
-        machines: dict[str, MachineState] = {}
-        for mac in decide_order(self.ledger, macs):
-            out = self._decide(mac, now)
-            puts += out.put
-            removed += [r.mac for r in out.released]
-            if out.state is not None:
-                machines[mac] = out.state
-        for mac in removed:
-            machines.pop(mac, None)
-        self._commit(puts, removed)
-        return policy_state(self.policy, self.inventory.foreign_ports), machines
+    def _count(self, applied: Applied) -> None:
+        for part, error in applied.errors:
+            self.stats.errors += 1
+            self.stats.last_error = f"{part}: {error}"
+            log.error("%s: %s (retrying at the next sync)", part, error)
+        if applied.rebuilt:
+            self.stats.rebuilds += 1
 
     def early(self) -> None:
         """Before anything else: the kill switch, so that nothing can leave the
         WAN outside the tunnel while the rest is being set up."""
         ks = policy_state(self.policy, ()).killswitch
-        self._killswitch(ks)
+        if ks is not None and self.nft.observe_killswitch(ks) != ks:
+            log.info(
+                "killswitch: only UDP to %s:%d leaves %s",
+                ks.endpoint_host,
+                ks.endpoint_port,
+                ks.wan,
+            )
+            self.nft.write_killswitch(ks)
 
-    def _killswitch(self, ks: KillSwitch | None) -> None:
-        if ks is not None:
-            if not self.nft.killswitch_matches(ks):
-                log.info(
-                    "killswitch: only UDP to %s:%d leaves %s",
-                    ks.endpoint_host,
-                    ks.endpoint_port,
-                    ks.wan,
-                )
-                self.nft.write_killswitch(ks)
-        elif self.applied_policy is None or self.applied_policy.killswitch is not None:
-            self.nft.delete_killswitch()  # the policy has no uplink (any more)
+    def check_killswitch(self) -> bool:
+        """The kill switch's own table, checked more often than the rest: it is
+        what stands between a tampered host and a leak. True if it was repaired."""
+        want = self.applied_policy.killswitch if self.applied_policy is not None else None
+        if want is None or self.nft.observe_killswitch(want) == want:
+            return False
+        log.warning("killswitch: the kernel's table is not dom0's: rewriting it")
+        self.nft.write_killswitch(want)
+        self.stats.repairs += 1
+        self.stats.last_repair = ["killswitch: rewrite the table"]
+        self.bump()
+        return True
 
-    def _tunnels(self, pstate: PolicyState) -> None:
-        if self.tunnels is None:
-            return
-        if pstate.uplink is not None:
-            self.tunnels.ensure_uplink(pstate.uplink)
-        if pstate.hub is not None:
-            self.tunnels.ensure_hub(pstate.hub)
+    def interfaces(self) -> set[str]:
+        """Where dom0's own addresses may be: to observe them all."""
+        out = {self.policy.bridge}
+        if self.applied_policy is not None:
+            out |= {i for i, _ in self.applied_policy.addresses}
+        return out
 
-    def _hub_peers(self, pstate: PolicyState, peers: dict[str, HubPeer]) -> None:
-        if self.tunnels is None or pstate.hub is None:
-            return
-        have = self.tunnels.hub_peer_state(pstate.hub)
-        put = {k: p for k, p in peers.items() if have.get(k) != p.allowed_ips}
-        gone = frozenset(k for k in have if k not in peers)
-        if put or gone:
-            self.tunnels.hub_peers(pstate.hub, put, gone)
+    def full_plan(
+        self, now: int, rebuild: bool = False
+    ) -> tuple[PolicyState, dict[str, MachineState], Flat, Plan]:
+        """Decide everything, observe every driver, and the plan between the
+        two. `rebuild`: take dom0's tables as absent (they are written whole
+        anyway, so they are not even read)."""
+        pstate, machines = self.desired(now)
+        want = flatten(pstate, machines.values())
+        observed = self.dataplane.observe(want, self.interfaces(), tables=not rebuild)
+        return pstate, machines, want, plan(want, observed)
 
     def sync(self) -> None:
-        """The full path: everything desired against what the kernel holds.
-
-        In order: the kill switch (nothing may leak while the rest comes up),
-        the uplink and the hub, dom0's addresses, nftables, hub peers, DHCP."""
+        """The full path: observe what every driver holds, plan, apply."""
         self.stats.syncs += 1
-        rebuild = self.force_rebuild
-        self.dirty_all = self.force_rebuild = False
+        rebuild, periodic = self.force_rebuild, self.periodic
+        self.dirty_all = self.force_rebuild = self.periodic = False
         self.dirty.clear()
-        pstate, machines = self.desired_all(int(self.clock()))
-        desired = flatten(pstate, machines.values())
-        self._killswitch(pstate.killswitch)
-        try:
-            self._tunnels(pstate)
-        except Exception as e:  # the kill switch holds; try again at the next sync
-            self.stats.errors += 1
-            self.stats.last_error = f"tunnels: {e}"
-            log.error("tunnels: %s (the kill switch holds; retrying at the next sync)", e)
-        if self.addresses is not None:
-            self._addresses(pstate)
-        # (a forced rebuild rewrites everything anyway: no need to read it back)
-        kernel = None if rebuild else self.nft.read(pstate.shape)
-        try:
-            if kernel is None or not kernel.shape_matches:
-                self.stats.rebuilds += 1
-                log.info("nftables: writing dom0's tables (%d machines)", len(machines))
-                self.nft.rebuild(pstate.shape, desired.sets)
-            else:
-                self.nft.apply(_set_plan(desired.sets, kernel.sets))
-        except NftError as e:
-            self.stats.errors += 1
-            self.stats.last_error = f"nftables: {e}"
-            if rebuild:
-                raise
-            log.error("nftables: %s; rebuilding", e)
-            self.nft.rebuild(pstate.shape, desired.sets)
-        try:
-            self._hub_peers(pstate, dict(desired.peers))
-        except Exception as e:
-            self.stats.errors += 1
-            self.stats.last_error = f"hub peers: {e}"
-            log.error("hub peers: %s (retrying at the next sync)", e)
-        put, gone = host_diff(desired.hosts, self.hosts.read())
-        self._apply_hosts(Plan(hosts_put=put, hosts_del=gone))
-        if self.dnsmasq is not None and self.inventory.bridge_index is not None:
-            self.dnsmasq.configure(pstate.dhcp)
-        self._record_applied(pstate, machines)
-
-    def _record_applied(self, pstate: PolicyState, machines: dict[str, MachineState]) -> None:
-        """What was applied, into the store: whole after start, else only what
-        changed (a periodic resync with 10,000 machines and nothing new writes
-        nothing)."""
-        if self.applied_policy is None:
-            self.store.replace_applied(flatten(pstate, ()), machines)
-        else:
-            changes: dict[str, MachineState | None] = {
-                mac: m for mac, m in machines.items() if self.applied.get(mac) != m
-            }
-            changes.update({mac: None for mac in self.applied if mac not in machines})
-            if changes:
-                self.store.commit_applied_machines(changes)
-            if pstate != self.applied_policy:
-                self.store.commit_applied_policy(flatten(pstate, ()))
-        self.applied = dict(machines)
-        self.applied_policy = pstate
-
-    def _addresses(self, pstate: PolicyState) -> None:
-        assert self.addresses is not None
-        interfaces = {i for i, _ in pstate.addresses} | {self.policy.bridge}
-        if self.applied_policy is not None:
-            interfaces |= {i for i, _ in self.applied_policy.addresses}
-        owned = self.addresses.owned(interfaces)
+        pstate, machines, want, p = self.full_plan(int(self.clock()), rebuild)
         if self.inventory.bridge_index is None:
             log.warning("bridge %s does not exist yet: waiting for it", self.policy.bridge)
-        if owned == pstate.addresses:
-            return
-        try:
-            self.addresses.apply(pstate.addresses - owned, owned - pstate.addresses)
-        except AddressError as e:
-            self.stats.errors += 1
-            self.stats.last_error = f"addresses: {e}"
-            log.warning("addresses: %s; retrying at the next sync", e)
+        if periodic and not p.empty:
+            lines = p.lines()
+            self.stats.repairs += len(lines)
+            self.stats.last_repair = lines[:20]
+            log.warning(
+                "resync: repaired %d thing(s) that had drifted: %s",
+                len(lines),
+                "; ".join(lines[:5]),
+            )
+        applied = self.dataplane.apply(p, want, dhcp_ready=self.inventory.bridge_index is not None)
+        self._count(applied)
+        self.applied = dict(machines)
+        self.applied_policy = pstate
 
     # -- reporting -------------------------------------------------------------
     def find(self, name: str) -> Allocation | None:
@@ -529,8 +466,3 @@ class Reconciler:
                 )
             )
         return out
-
-
-def _set_plan(desired: dict, kernel: dict) -> Plan:
-    add, delete = set_diff(desired, kernel)
-    return Plan(add=add, delete=delete)

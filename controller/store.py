@@ -1,7 +1,8 @@
 """The state store: SQLite (WAL) in the state directory.
 
 What the controller decided and must remember: allocations (rule slots and
-addresses) and what it last applied. Every change is one transaction, and
+addresses). What is applied is not recorded here: it is read back from the
+drivers (see controller/dataplane.py). Every change is one transaction, and
 the UNIQUE constraints are the last line of defence: killing the controller
 at any moment can lose an undecided allocation but never a committed one,
 and can never leave two machines holding one slot or one address.
@@ -9,25 +10,12 @@ and can never leave two machines holding one slot or one address.
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
-from collections.abc import Iterable, Mapping
-from ipaddress import IPv4Network
+from collections.abc import Iterable
 from pathlib import Path
 
 from controller.core.allocation import Allocation
-from controller.core.desired import (
-    DhcpConfig,
-    DhcpRange,
-    HubState,
-    KillSwitch,
-    MachineState,
-    Shape,
-    UplinkState,
-)
-from controller.core.plan import EMPTY, Flat
-from controller.policy.model import Limits
 
 SCHEMA_VERSION = 3
 _SCHEMA = """
@@ -47,8 +35,6 @@ CREATE TABLE IF NOT EXISTS allocations (
     UNIQUE (rule, slot),
     UNIQUE (domain, address)
 );
-CREATE TABLE IF NOT EXISTS applied_machines (mac TEXT PRIMARY KEY, state TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS applied_policy (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # Each step takes the schema from version N to N+1, in one transaction.
 _MIGRATIONS = {
@@ -66,7 +52,8 @@ _MIGRATIONS = {
     ALTER TABLE allocations ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE allocations ADD COLUMN origin TEXT;
     UPDATE allocations SET confirmed = 1;
-    DELETE FROM applied_policy;
+    DROP TABLE applied_machines;  -- what is applied is read from the drivers now
+    DROP TABLE applied_policy;
     """,
 }
 
@@ -156,97 +143,6 @@ class Store:
                     for a in put
                 ],
             )
-
-    # -- what was last applied ---------------------------------------------------
-    def commit_applied_machines(self, changes: Mapping[str, MachineState | None]) -> None:
-        with _transaction(self.db):
-            self.db.executemany(
-                "DELETE FROM applied_machines WHERE mac=?",
-                [(mac,) for mac, m in changes.items() if m is None],
-            )
-            self.db.executemany(
-                "INSERT OR REPLACE INTO applied_machines VALUES (?,?)",
-                [(mac, json.dumps(m.to_json())) for mac, m in changes.items() if m is not None],
-            )
-
-    def replace_applied(self, flat_policy: Flat, machines: Mapping[str, MachineState]) -> None:
-        """After a full apply: the whole applied record at once."""
-        with _transaction(self.db):
-            self.db.execute("DELETE FROM applied_machines")
-            self.db.execute("DELETE FROM applied_policy")
-        self.commit_applied_policy(flat_policy)
-        self.commit_applied_machines(machines)
-
-    def commit_applied_policy(self, flat: Flat) -> None:
-        def opt(x: object) -> object:
-            return None if x is None else x.to_json()  # type: ignore[attr-defined]
-
-        value = {
-            "shape": opt(flat.shape),
-            "killswitch": opt(flat.killswitch),
-            "uplink": opt(flat.uplink),
-            "hub": opt(flat.hub),
-            "sets": {f"{k[0]}/{k[1]}": sorted(list(e) for e in v) for k, v in flat.sets.items()},
-            "addresses": sorted(list(a) for a in flat.addresses),
-            "dhcp": None if flat.dhcp is None else _dhcp_json(flat.dhcp),
-        }
-        with _transaction(self.db):
-            self.db.execute(
-                "INSERT OR REPLACE INTO applied_policy VALUES ('state', ?)", (json.dumps(value),)
-            )
-
-    def applied_machines(self) -> dict[str, MachineState]:
-        return {
-            mac: MachineState.from_json(json.loads(state))
-            for mac, state in self.db.execute("SELECT mac, state FROM applied_machines")
-        }
-
-    def applied_policy(self) -> Flat:
-        """The policy-level part of what was last applied (no machines)."""
-        row = self.db.execute("SELECT value FROM applied_policy WHERE key='state'").fetchone()
-        if row is None:
-            return EMPTY
-        v = json.loads(row[0])
-
-        def opt(cls: type, x: dict | None) -> object:
-            if x is None:
-                return None
-            return cls(**{k: tuple(w) if isinstance(w, list) else w for k, w in x.items()})
-
-        shape = v["shape"]
-        if shape is not None:
-            shape = Shape(**{**shape, "limits": Limits(**shape.get("limits", {}))})
-        return Flat(
-            shape=shape,
-            sets={
-                tuple(k.split("/", 1)): frozenset(tuple(e) for e in elems)  # type: ignore[misc]
-                for k, elems in v["sets"].items()
-            },
-            addresses=frozenset(tuple(a) for a in v["addresses"]),  # type: ignore[misc]
-            dhcp=None if v["dhcp"] is None else _dhcp_from_json(v["dhcp"]),
-            hosts={},
-            killswitch=opt(KillSwitch, v["killswitch"]),  # type: ignore[arg-type]
-            uplink=opt(UplinkState, v["uplink"]),  # type: ignore[arg-type]
-            hub=opt(HubState, v["hub"]),  # type: ignore[arg-type]
-        )
-
-
-def _dhcp_json(c: DhcpConfig) -> dict:
-    return {
-        "bridge": c.bridge,
-        "lease": c.lease_seconds,
-        "ranges": [[r.tag, str(r.network), r.router, r.domain_name] for r in c.ranges],
-        "tag_domains": [list(t) for t in c.tag_domains],
-    }
-
-
-def _dhcp_from_json(v: dict) -> DhcpConfig:
-    return DhcpConfig(
-        v["bridge"],
-        v["lease"],
-        tuple(DhcpRange(t, IPv4Network(n), r, d) for t, n, r, d in v["ranges"]),
-        tuple((t, d) for t, d in v.get("tag_domains", [])),
-    )
 
 
 class _transaction:

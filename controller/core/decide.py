@@ -208,3 +208,49 @@ def decide_order(ledger: Ledger, macs: set[str]) -> list[str]:
     """Machines that already hold an allocation first, so that a newcomer
     can never take the slot or address of a machine that is simply present."""
     return sorted(macs, key=lambda m: (ledger.get(m) is None, m))
+
+
+@dataclass(frozen=True, slots=True)
+class Decisions:
+    """What deciding a set of machines produced (the ledger holds the rest)."""
+
+    outcomes: dict[str, Outcome]  # by MAC, for every MAC decided
+    states: dict[str, MachineState | None]  # desired data-plane state; None: nothing
+    touched: tuple[str, ...]  # MACs whose allocation changed or went: commit these
+    keys_needed: frozenset[str]  # hub machines whose tunnel key does not exist yet
+
+
+def decide_many(
+    policy: Policy,
+    inventory: Inventory,
+    ledger: Ledger,
+    macs: set[str],
+    now: int,
+    keys: Mapping[str, str],
+    leased: Mapping[str, str],
+) -> Decisions:
+    """Decide every MAC of `macs` (holders first, see `decide_order`); the one
+    decision loop of the controller, of `dom0 plan` and of the tests. Pure:
+    `keys` (key id -> public key) and `leased` are facts the drivers own."""
+    outcomes: dict[str, Outcome] = {}
+    states: dict[str, MachineState | None] = {}
+    touched: dict[str, None] = {}
+    needed: set[str] = set()
+    for mac in decide_order(ledger, macs):
+        out = decide(policy, inventory, ledger, mac, now, keys.get, leased)
+        outcomes[mac] = out
+        states[mac] = out.state
+        for a in out.put:
+            touched[a.mac] = None
+        for r in out.released:
+            touched[r.mac] = None
+            states[r.mac] = None  # released, possibly after it was decided
+        a = ledger.get(mac)
+        if (
+            out.state is not None
+            and a is not None
+            and a.underlay is not None
+            and a.key_id not in keys
+        ):
+            needed.add(a.key_id)
+    return Decisions(outcomes, states, tuple(touched), frozenset(needed))

@@ -41,6 +41,10 @@ class Flat:
 
 EMPTY = Flat(None, {}, frozenset(), None, {})
 
+# What a driver reports when a kill switch table exists that is not the one
+# desired (tampered, older, or left by a policy without an uplink).
+FOREIGN_KILLSWITCH = KillSwitch("?", "?", 0, 0, ())
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -55,6 +59,7 @@ class Plan:
     peers_put: Mapping[str, HubPeer] = field(default_factory=dict)
     peers_del: frozenset[str] = frozenset()
     killswitch: KillSwitch | None = None  # set when the kill switch table must be rewritten
+    killswitch_remove: bool = False  # the policy has no uplink (any more): delete the table
     uplink: UplinkState | None = None  # set when the uplink must be (re)configured
     hub: HubState | None = None  # set when the hub must be (re)configured
 
@@ -72,6 +77,7 @@ class Plan:
             or self.peers_put
             or self.peers_del
             or self.killswitch
+            or self.killswitch_remove
             or self.uplink
             or self.hub
         )
@@ -85,6 +91,8 @@ class Plan:
                 f"killswitch: only UDP to {k.endpoint_host}:{k.endpoint_port} leaves {k.wan}"
                 + (f" (and {', '.join(k.allow)})" if k.allow else "")
             )
+        if self.killswitch_remove:
+            out.append("killswitch: remove the table (the policy has no uplink)")
         if self.uplink is not None:
             u = self.uplink
             out.append(
@@ -136,6 +144,7 @@ class Plan:
             "peers_put": {k: list(p.allowed_ips) for k, p in sorted(self.peers_put.items())},
             "peers_del": sorted(self.peers_del),
             "killswitch": self.killswitch is not None,
+            "killswitch_remove": self.killswitch_remove,
             "uplink": self.uplink is not None,
             "hub": self.hub is not None,
         }
@@ -164,7 +173,8 @@ def host_diff(
 
 
 def plan(desired: Flat, applied: Flat) -> Plan:
-    """The whole difference. A rebuild rewrites every set, so it carries all
+    """The whole difference between what should be and what the drivers hold
+    (`applied`: as observed). A rebuild rewrites every set, so it carries all
     desired elements as additions and no deletions."""
     rebuild = desired.shape != applied.shape
     if rebuild:
@@ -186,6 +196,7 @@ def plan(desired: Flat, applied: Flat) -> Plan:
         peers_put=peers_put,
         peers_del=peers_del,
         killswitch=desired.killswitch if desired.killswitch != applied.killswitch else None,
+        killswitch_remove=desired.killswitch is None and applied.killswitch is not None,
         uplink=desired.uplink if desired.uplink != applied.uplink else None,
         hub=desired.hub if desired.hub != applied.hub else None,
     )

@@ -100,13 +100,15 @@ class HostsDir:
     """The reservation files. The state dir is 0711 and this dir 0755:
     dnsmasq reads it after dropping to an unprivileged user."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, readonly: bool = False) -> None:
         self.root = state_dir / "dhcp"
         self.dir = self.root / "hosts"
         self.tmp = self.root / "tmp"
-        for d in (self.root, self.dir, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
-            d.chmod(0o755)
+        self.readonly = readonly  # `dom0 plan`: look, never touch
+        if not readonly:
+            for d in (self.root, self.dir, self.tmp):
+                d.mkdir(parents=True, exist_ok=True)
+                d.chmod(0o755)
         # file name -> (inode, mtime_ns, host): a file unchanged since it was
         # last read or written is not read again (10,000 of them at a resync)
         self._known: dict[str, tuple[int, int, DhcpHost | None]] = {}
@@ -117,6 +119,8 @@ class HostsDir:
         keep a deleted file's entries until it restarts."""
         out = {}
         seen = set()
+        if self.readonly and not self.dir.is_dir():
+            return out
         with os.scandir(self.dir) as entries:
             for e in entries:
                 seen.add(e.name)
@@ -131,6 +135,8 @@ class HostsDir:
                 if host is not None and _host_file(host.mac) == e.name:
                     out[host.mac] = host
                     self._remember(e.name, host)
+                    continue
+                if self.readonly:
                     continue
                 mac = e.name.replace("-", ":")
                 want = tombstone(mac) if _MAC_FILE.match(e.name) else ""
@@ -193,9 +199,11 @@ def _start_time(pid: int) -> str | None:
 class Dnsmasq:
     """Supervises one dnsmasq for the current DhcpConfig."""
 
-    def __init__(self, state_dir: Path, binary: str | None = None) -> None:
+    def __init__(
+        self, state_dir: Path, binary: str | None = None, *, readonly: bool = False
+    ) -> None:
         self.state_dir = state_dir
-        self.hosts = HostsDir(state_dir)
+        self.hosts = HostsDir(state_dir, readonly=readonly)
         self.record = self.hosts.root / "dnsmasq.json"
         self.binary = binary or shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
         self.config: DhcpConfig | None = None
@@ -220,6 +228,14 @@ class Dnsmasq:
     def alive(self) -> bool:
         rec = self._recorded()
         return rec is not None and _start_time(rec[0]) == rec[1]
+
+    def observe(self, config: DhcpConfig | None) -> DhcpConfig | None:
+        """`config` if the recorded dnsmasq is alive and runs exactly it."""
+        rec = self._recorded()
+        if config is None or rec is None or _start_time(rec[0]) != rec[1]:
+            return None
+        argv = dnsmasq_argv(config, self.state_dir, self.binary)
+        return config if rec[2] == self._digest(argv) else None
 
     def configure(self, config: DhcpConfig) -> None:
         """Ask the supervisor to run dnsmasq with `config` (restart if needed)."""

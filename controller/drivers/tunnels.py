@@ -24,7 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from controller.core.desired import HubPeer, HubState, UplinkState
 from controller.drivers.addresses import DOM0_PROTO
-from controller.drivers.wireguard import Peer, WireGuard, keys
+from controller.drivers.wireguard import Device, Peer, WireGuard, WireGuardError, keys
 
 log = logging.getLogger(__name__)
 
@@ -169,18 +169,81 @@ class Tunnels:
             base64.b64encode(k).decode(): tuple(s.peer.allowed_ips) for k, s in device.peers.items()
         }
 
+    # -- observing (read-only: nothing here creates a key or a device) -----------
+    def _read_device(self, name: str) -> Device | None:
+        try:
+            return self.wg.get(name)
+        except (WireGuardError, OSError):
+            return None
 
-def machine_key_path(state_dir: Path, key_id: str) -> Path:
-    """A hub machine's tunnel key, named by its identity (`Allocation.key_id`:
-    the MAC it was first admitted with, which its slot keeps)."""
-    return state_dir / "keys" / "machines" / f"{key_id.replace(':', '-')}.key"
+    def _public_key(self, file: str) -> bytes | None:
+        path = key_path(self.state_dir, file)
+        if not path.exists():
+            return None
+        try:
+            return keys.public_of(keys.load(path))
+        except keys.KeyFileError:
+            return None
 
+    def _link_ok(self, name: str, mtu: int) -> int | None:
+        found = self.ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        link = self.ipr.get_links(found[0])[0]
+        up = bool(link["flags"] & 1)
+        return found[0] if up and link.get_attr("IFLA_MTU") == mtu else None
 
-def machine_public_key(state_dir: Path, key_id: str, *, create: bool = True) -> str | None:
-    """The public key of a hub machine's tunnel; its private key is made on
-    first use (0600) for `dom0 wg export` to hand out. Agents (later) will
-    bring their own keys instead."""
-    path = machine_key_path(state_dir, key_id)
-    if not create and not path.exists():
-        return None
-    return base64.b64encode(keys.public_of(keys.load_or_create(path))).decode()
+    def observe_uplink(self, u: UplinkState) -> UplinkState | None:
+        """`u` if the uplink is configured as it says (device, key, fwmark,
+        peer, link, routes, rules), else None."""
+        device = self._read_device(u.interface)
+        public = self._public_key(u.private_key_file)
+        if device is None or public is None or device.public_key != public:
+            return None
+        if device.fwmark != u.table or len(device.peers) != 1:
+            return None
+        (peer,) = device.peers.values()
+        if base64.b64encode(peer.peer.public_key).decode() != u.peer_public_key:
+            return None
+        if set(peer.peer.allowed_ips) != {"0.0.0.0/0", "::/0"}:
+            return None
+        index = self._link_ok(u.interface, u.mtu)
+        if index is None:
+            return None
+        routes = {
+            (r.get_attr("RTA_DST"), r.get_attr("RTA_OIF"), r["type"])
+            for family in (2, 10)
+            for r in self.ipr.get_routes(family=family, table=u.table)
+            if r["proto"] == DOM0_PROTO
+        }
+        if (None, index, 1) not in routes or not any(t == 7 for _d, _o, t in routes):
+            return None  # the default route via the tunnel, and the unreachable fallback
+        rules = {
+            (r.get("FRA_PRIORITY"), r.get("FRA_TABLE"))
+            for family in (2, 10)
+            for r in self.ipr.get_rules(family=family)
+            if r.get("FRA_PROTOCOL") == DOM0_PROTO
+        }
+        if {(SUPPRESS_PRIORITY, MAIN_TABLE), (UPLINK_PRIORITY, u.table)} - rules:
+            return None
+        return u
+
+    def observe_hub(self, h: HubState) -> HubState | None:
+        device = self._read_device(h.interface)
+        public = self._public_key(h.private_key_file)
+        if device is None or public is None or device.public_key != public:
+            return None
+        if device.listen_port != h.listen_port or self._link_ok(h.interface, h.mtu) is None:
+            return None
+        return h
+
+    def observe_peers(self, h: HubState) -> dict[str, HubPeer]:
+        device = self._read_device(h.interface)
+        if device is None:
+            return {}
+        return {
+            base64.b64encode(k).decode(): HubPeer(
+                base64.b64encode(k).decode(), tuple(s.peer.allowed_ips)
+            )
+            for k, s in device.peers.items()
+        }

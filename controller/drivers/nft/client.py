@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from controller.core.desired import Element, KillSwitch, Shape
 from controller.core.plan import Plan
+from controller.dataplane import observed_killswitch
 from controller.drivers.nft.render import (
     elem_from_json,
     elem_json,
@@ -127,11 +128,21 @@ class Nft:
             ok = False  # the boot baseline is (back): the next write takes it over
         return KernelState(ok, sets)
 
+    def observe_killswitch(self, ks: KillSwitch | None) -> KillSwitch | None:
+        """`ks` if the kernel holds exactly it; a stand-in for another kill
+        switch table if there is one; None if there is none."""
+        objs = self._list("inet", KILLSWITCH_TABLE)
+        if objs is None:
+            return None
+        return observed_killswitch(ks is not None and self._killswitch_is(objs, ks), True, ks)
+
     def killswitch_matches(self, ks: KillSwitch) -> bool:
         """Whether the kernel holds exactly this kill switch."""
         objs = self._list("inet", KILLSWITCH_TABLE)
-        if objs is None:
-            return False
+        return objs is not None and self._killswitch_is(objs, ks)
+
+    @staticmethod
+    def _killswitch_is(objs: list[dict], ks: KillSwitch) -> bool:
         names: set[str] = set()
         rules: dict[str, int] = {}
         for obj in objs:

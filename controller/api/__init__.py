@@ -1,0 +1,1 @@
+"""What the control socket answers: request handlers and status views."""

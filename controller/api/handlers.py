@@ -1,0 +1,85 @@
+"""The control socket's requests: status, reload, resync, wg-export.
+
+Each handler takes what it needs from the running controller and returns a
+reply; requests are already bounded and parsed (controller/control.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from controller import wgexport
+from controller.core.desired import fqdn_of
+from controller.drivers.machine_keys import key_path
+from controller.drivers.wireguard import keys
+from controller.reconcile import Reconciler
+
+log = logging.getLogger("dom0")
+
+
+def wg_export(rec: Reconciler, state_dir: Path, name: object) -> dict[str, Any]:
+    if not isinstance(name, str) or not 0 < len(name) <= 253:
+        return {"ok": False, "usage": True, "error": "NAME: expected a machine name or MAC"}
+    a = rec.find(name)
+    if a is None:
+        return {"ok": False, "usage": True, "error": f"{name}: no such machine (see dom0 status)"}
+    hub = rec.policy.hub
+    if hub is None or a.underlay is None or a.address is None or a.absent_since is not None:
+        return {
+            "ok": False,
+            "usage": True,
+            "error": f"{name}: not a present machine of a hub domain (its domain needs hub = true)",
+        }
+    if rec.tunnels is None or rec.applied_policy is None or rec.applied_policy.hub is None:
+        return {"ok": False, "error": "this controller runs without its hub (yet)"}
+    private = keys.load(key_path(state_dir, a.key_id))
+    hub_key = rec.tunnels.hub_public_key(rec.applied_policy.hub)
+    fqdn = fqdn_of(rec.policy, a)
+    endpoint = f"{hub.gateway}:{hub.listen_port}"
+    config = wgexport.render(
+        fqdn=fqdn,
+        mac=a.mac,
+        private_key=keys.to_base64(private.secret_bytes()),
+        address=a.address,
+        hub_public_key=hub_key,
+        endpoint=endpoint,
+        mtu=hub.mtu,
+    )
+    log.info("wg export: handed out the tunnel configuration of %s", fqdn)
+    return {
+        "ok": True,
+        "name": fqdn,
+        "mac": a.mac,
+        "address": a.address,
+        "underlay": a.underlay,
+        "endpoint": endpoint,
+        "public_key": keys.to_base64(private.public),
+        "config": config,
+    }
+
+
+def dispatch(
+    request: dict,
+    *,
+    status: Callable[[], dict],
+    post: Callable[[str], bool],
+    export: Callable[[object], dict],
+) -> dict[str, Any]:
+    """One request to its handler. `post(cmd)` queues a reload or resync for
+    the reconcile loop (False when its queue is full)."""
+    cmd = request["cmd"]
+    if cmd == "status":
+        return status()
+    if cmd == "wg-export":
+        return export(request.get("name"))
+    if cmd in ("reload", "resync"):
+        if not post(cmd):
+            return {"ok": False, "error": "busy, try again"}
+        return {"ok": True}
+    return {
+        "ok": False,
+        "error": f"unknown command {cmd!r}, expected status, reload, resync or wg-export",
+    }
