@@ -22,6 +22,11 @@ a moment for packets in flight, then a second canary marks the end: every
 frame that reached the namespace before it has been read. `hold` keeps a TCP
 connection open (a flow in dom0's conntrack) for as long as a test needs it.
 
+Why not capture.py's tcpdump: a crafted frame is recognised by a marker
+anywhere in its bytes (also inside an ICMP error's quote, or in an ARP
+frame's padding), storms of 20,000 frames are counted without a line each,
+and the capture proves it is live before the attack is sent.
+
 Nothing here touches the root namespace: both sides run via `ip netns exec`.
 """
 
