@@ -15,6 +15,7 @@ importable without trio or pyroute2; call them from trio through
     vm              acting as a VM: run, addresses, MAC, probes
     teardown        down(): idempotent, crash-tolerant
     echo, probe     the services' and probes' own command lines
+    forge           crafted frames from a VM (scapy-built), marker sniffers, held TCP flows
     demo, commands  `dom0 lab demo`, `dom0 lab up|down|demo`
 
 Nothing here changes the root network namespace.
