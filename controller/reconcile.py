@@ -27,7 +27,14 @@ from pathlib import Path
 from controller.core import inventory as inv
 from controller.core.allocation import Allocation, Ledger
 from controller.core.decide import Outcome, decide_many
-from controller.core.desired import MachineState, PolicyState, fqdn_of, machine_state, policy_state
+from controller.core.desired import (
+    MachineState,
+    PolicyState,
+    fqdn_of,
+    machine_state,
+    policy_state,
+    port_of,
+)
 from controller.core.leases import Leases
 from controller.core.plan import Flat, Plan, flatten, plan, plan_machines
 from controller.dataplane import DataPlane
@@ -140,6 +147,7 @@ class Reconciler:
         self.tables = inv.EMPTY
         self.inventory = inv.inventory(self.tables, policy.bridge)
         self.applied: dict[str, MachineState] = {}
+        self.applied_ports: dict[str, set[str]] = {}  # port -> MACs applied on it
         self.applied_policy: PolicyState | None = None
         # MAC -> (why, port): the latest refusals, bounded (a flood brings thousands)
         self.refused: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
@@ -331,20 +339,37 @@ class Reconciler:
             return
         dirty, self.dirty = self.dirty, set()
         desired = self._decide(dirty, int(self.clock()))
-        p = plan_machines(desired, {mac: self.applied.get(mac) for mac in desired})
+        applied = {mac: self.applied.get(mac) for mac in desired}
+        ports = {port_of(m) for m in (*desired.values(), *applied.values()) if m is not None}
+        context = [
+            self.applied[m]
+            for port in ports
+            for m in self.applied_ports.get(port, ())
+            if m not in desired
+        ]
+        p = plan_machines(desired, applied, context)
         if not p.empty:
             hub = self.applied_policy.hub if self.applied_policy is not None else None
-            applied = self.dataplane.apply(p, hub=hub)
-            self._count(applied)
-            if applied.nft_failed:
+            outcome = self.dataplane.apply(p, hub=hub)
+            self._count(outcome)
+            if outcome.nft_failed:
                 self.force_rebuild = True  # the change trackers are spent: start over
                 return
             for mac, state in desired.items():
-                if state is None:
-                    self.applied.pop(mac, None)
-                else:
-                    self.applied[mac] = state
+                self._set_applied(mac, state)
         self.bump()
+
+    def _set_applied(self, mac: str, state: MachineState | None) -> None:
+        old = self.applied.pop(mac, None)
+        if old is not None:
+            macs = self.applied_ports.get(port_of(old))
+            if macs is not None:
+                macs.discard(mac)
+                if not macs:
+                    del self.applied_ports[port_of(old)]
+        if state is not None:
+            self.applied[mac] = state
+            self.applied_ports.setdefault(port_of(state), set()).add(mac)
 
     def _count(self, applied: Applied) -> None:
         for part, error in applied.errors:
@@ -418,7 +443,9 @@ class Reconciler:
             )
         applied = self.dataplane.apply(p, want, dhcp_ready=self.inventory.bridge_index is not None)
         self._count(applied)
-        self.applied = dict(machines)
+        self.applied, self.applied_ports = {}, {}
+        for mac, m in machines.items():
+            self._set_applied(mac, m)
         self.applied_policy = pstate
 
     # -- reporting -------------------------------------------------------------

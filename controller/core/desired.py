@@ -26,6 +26,8 @@ DHCP_CLIENT = ("bridge", "dhcp_client")  # ifname . ether_addr . chaddr: DHCP fo
 DHCP_REPLY = ("bridge", "dhcp_reply")  # ifname . chaddr: where a DHCP reply may go
 SELF4 = ("inet", "self4")  # ipv4_addr . ipv4_addr: (a, a) for each of its addresses
 PORT_ADDR = ("bridge", "port_addr")  # ifname . ipv4_addr: the port that holds an address
+# Per port (its machines share it: they are of one domain):
+PORT_BCAST = ("bridge", "port_bcast")  # ifname . ipv4_addr: the port's domain broadcast
 # Per policy:
 EXEMPT = ("bridge", "exempt_ports")  # ifname
 PEERS = ("bridge", "peers")  # ipv4_addr . ipv4_addr (interval): direct L2 allowed
@@ -38,7 +40,10 @@ ICMP = ("inet", "ping")  # pool . gateway: may ping dom0 there
 SSH4 = ("inet", "ssh4")  # ipv4_addr (interval): may reach dom0's sshd (host.ssh_from)
 SSH6 = ("inet", "ssh6")  # ipv6_addr (interval)
 
-MACHINE_SETS = (PORT_MAC, BINDING, PORT_ADDR, DHCP_CLIENT, DHCP_REPLY, SELF4)
+MACHINE_SETS = (PORT_MAC, BINDING, PORT_ADDR, PORT_BCAST, DHCP_CLIENT, DHCP_REPLY, SELF4)
+# Elements the machines of one port share (the incremental path counts the
+# port's other machines in: see core.plan.plan_machines).
+PORT_SETS = (PORT_BCAST,)
 POLICY_SETS = (EXEMPT, PEERS, DHCP_SERVER, REACH, EGRESS, SERVICE, ICMP, SSH4, SSH6)
 ALL_SETS = MACHINE_SETS + POLICY_SETS
 
@@ -191,6 +196,13 @@ class Desired:
     machines: Mapping[str, MachineState] = field(default_factory=dict)
 
 
+def port_of(m: MachineState) -> str:
+    """The bridge port a machine's state binds it to."""
+    for port, _mac in m.elements[PORT_MAC]:
+        return port
+    raise ValueError("a machine state without its port")
+
+
 def label_of(policy: Policy, a: Allocation) -> str:
     if a.rule == QUARANTINE:
         return policy.quarantine.template.render(a.slot)
@@ -214,6 +226,7 @@ def machine_state(policy: Policy, a: Allocation, public_key: str | None = None) 
         DHCP_REPLY: frozenset({(a.port, a.mac)}),
         SELF4: frozenset((x, x) for x in {a.address, a.underlay} if x is not None),
         PORT_ADDR: frozenset(),
+        PORT_BCAST: frozenset(),
     }
     dhcp = None
     if bridge_address is not None:
@@ -221,6 +234,10 @@ def machine_state(policy: Policy, a: Allocation, public_key: str | None = None) 
         elements[PORT_ADDR] = frozenset({(a.port, bridge_address)})
         tag = f"hub-{a.domain}" if a.underlay is not None else a.domain
         dhcp = DhcpHost(a.mac, bridge_address, label_of(policy, a), tag)
+    domain = policy.domains.get(a.domain)
+    if domain is not None and domain.members_reach and a.underlay is None:
+        # its domain's broadcasts may reach this port (and only those)
+        elements[PORT_BCAST] = frozenset({(a.port, str(domain.pool.broadcast_address))})
     peer = None
     if a.underlay is not None and a.address is not None and public_key is not None:
         peer = HubPeer(public_key, (f"{a.address}/32",))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 
 from controller.core.desired import (
     ALL_SETS,
+    PORT_SETS,
     Address,
     DhcpConfig,
     DhcpHost,
@@ -210,11 +211,15 @@ def peer_diff(
 
 
 def plan_machines(
-    desired: Mapping[str, MachineState | None], applied: Mapping[str, MachineState | None]
+    desired: Mapping[str, MachineState | None],
+    applied: Mapping[str, MachineState | None],
+    context: Iterable[MachineState] = (),
 ) -> Plan:
-    """The difference for a few machines only (the incremental path). Each
-    machine's elements contain its MAC, so machines never share an element
-    and a per-machine difference is exact."""
+    """The difference for a few machines only (the incremental path). Almost
+    every element contains its machine's MAC, so machines share none; those
+    of PORT_SETS belong to a port, and machines of one port share them:
+    `context` are the unchanged machines on the ports concerned, counted on
+    both sides, so that the difference of the unions stays exact."""
     d_sets: dict[SetKey, set[Element]] = {}
     a_sets: dict[SetKey, set[Element]] = {}
     d_hosts: dict[str, DhcpHost] = {}
@@ -224,6 +229,10 @@ def plan_machines(
     for mac in set(desired) | set(applied):
         _collect(desired.get(mac), d_sets, d_hosts, d_peers)
         _collect(applied.get(mac), a_sets, a_hosts, a_peers)
+    for m in context:
+        for key in PORT_SETS:
+            d_sets.setdefault(key, set()).update(m.elements.get(key, ()))
+            a_sets.setdefault(key, set()).update(m.elements.get(key, ()))
     add, delete = set_diff(
         {k: frozenset(v) for k, v in d_sets.items()}, {k: frozenset(v) for k, v in a_sets.items()}
     )

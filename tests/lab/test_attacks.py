@@ -4,10 +4,10 @@ A tenant controls every byte its VM sends (DESIGN.md, threat model). Each
 attack here is sent from a VM's namespace with controller/lab/forge.py
 (frames built with scapy, put on the VM's eth0 as its NIC would, or routed
 by the VM's own stack) and looked for, by a random marker, where it must not
-arrive. Attack tests assert the *protected* behaviour; on the code of the day
-they were written most of them fail, because the attack gets through. Each
-attack test's docstring says, after "Today:", what leaks at the time of
-writing, and its assertion message names the leak when it happens.
+arrive. Attack tests assert the *protected* behaviour; on the code before
+port security (commit 355b522) every one of them failed, because the attack
+got through. Each attack test's docstring says, after "Before the fix:",
+what leaked then, and its assertion message names the leak if it happens.
 
 Every attack has a control in this module that passes with or without the
 fix: the same packet from its rightful sender (or with dom0's protection
@@ -63,7 +63,7 @@ from controller.lab import (
 from controller.lab.forge import Sniffer
 from controller.lab.rundir import Lab, LabError
 from controller.lab.wait import wait_for
-from controller.policy.load import PolicyError, load_policy
+from controller.policy.load import load_policy
 
 pytestmark = pytest.mark.lab
 
@@ -80,7 +80,7 @@ DHCP_COOKIE = bytes.fromhex("63825363")  # in every DHCP message: the sniffers' 
 # the same MAC on a fresh port is admitted and leased well within it.
 DECIDE = 10.0
 # Broadcast storm: of FLOOD frames, at most FLOOD_BOUND may reach any other
-# port or dom0 (the rate limit; unlimited today), while without dom0's tables
+# port or dom0 (the rate limit; unlimited before the fix), while without dom0's tables
 # at least FLOOD_ALL of them arrive everywhere.
 FLOOD = 20_000
 FLOOD_BOUND = 1_000
@@ -93,16 +93,11 @@ SYNS = 20_000
 # ---- labs ---------------------------------------------------------------------------------
 
 
-def policy_with(mode: str, new: dict[str, str], directory: Path) -> tuple[Path, bool]:
+def policy_with(mode: str, new: dict[str, str], directory: Path) -> Path:
     """The mode's policy plus new keys ("bridge.max_machines_per_port": "1000",
-    "limits.connections_per_machine": "100000"), written to a file.
-
-    The controller of the day rejects keys it does not know; then the file is
-    the plain policy and the flag False: without such a key that controller
-    has no such limit at all, so its default already behaves like the control.
-    Any other problem raises."""
-    base = POLICIES[mode].read_text()
-    text = base
+    "limits.connections_per_machine": "100000"), written to a file (checked:
+    a policy the controller would refuse raises here)."""
+    text = POLICIES[mode].read_text()
     for dotted, value in new.items():
         section, key = dotted.split(".")
         head = f"[{section}]\n"
@@ -112,18 +107,8 @@ def policy_with(mode: str, new: dict[str, str], directory: Path) -> tuple[Path, 
             text += f"\n{head}{key} = {value}\n"
     path = directory / "policy.toml"
     path.write_text(text)
-    try:
-        load_policy(path)
-    except PolicyError as e:
-        names = {dotted.split(".")[1] for dotted in new} | {dotted.split(".")[0] for dotted in new}
-        unknown = [
-            p for p in e.problems if "unknown key" in p.message and p.path.split(".")[-1] in names
-        ]
-        if len(unknown) != len(e.problems):
-            raise
-        path.write_text(base)
-        return path, False
-    return path, True
+    load_policy(path)
+    return path
 
 
 def lab_for(make_lab: Callable[..., Any], mode: str, vms: int, **kw: Any) -> Lab:
@@ -248,7 +233,7 @@ def test_forged_source_on_the_dhcp_path_does_not_reach_the_internet(
     """A quarantined machine (vm5) or a y machine (vm2) sends UDP 68->67 with
     vm1's x address as source to the echo service: nothing reaches NAME-wan.
 
-    Today: it reaches the internet. bridge dom0's ports_input accepts any
+    Before the fix: it reaches the internet. bridge dom0's ports_input accepts any
     UDP 68->67 from a known MAC before policing the source address, and inet
     dom0 forwards it as x's egress (masqueraded, through the tunnel)."""
     s, lab = site, site.lab
@@ -266,7 +251,7 @@ def test_forged_source_on_the_dhcp_path_does_not_reach_another_domains_vm(site: 
     """vm2 (y) sends UDP 68->67 from vm1's x address to vm3's x address, via
     dom0's MAC: vm3 receives nothing.
 
-    Today: vm3 receives it (on eth0 in bridge mode, through its tunnel wg0 in
+    Before the fix: vm3 receives it (on eth0 in bridge mode, through its tunnel wg0 in
     hub mode): the DHCP exception lets the forged source in, and x may reach x."""
     s, lab = site, site.lab
     marker = forge.new_marker("dhcp-path-vm")
@@ -342,7 +327,7 @@ def test_slot_exhaustion_one_port_gets_one_slot(make_lab: Any, mode: str) -> Non
     during and after the flood, `dom0 status` answers within 1 s throughout,
     and the controller log grows by fewer than 200 lines.
 
-    Today: every flood MAC gets a slot and an address (~150 in x, ~150 in
+    Before the fix: every flood MAC gets a slot and an address (~150 in x, ~150 in
     quarantine, on one port), and each admission logs a line (>= 300 lines)."""
     lab = lab_for(make_lab, mode, 2)
     before = reply(lab)
@@ -376,7 +361,12 @@ def test_slot_exhaustion_one_port_gets_one_slot(make_lab: Any, mode: str) -> Non
     on_port = [m for m in final["machines"] if m["port"] == "vnet1" and m["state"] in HELD]
     refused = [m for m in final["machines"] if m["state"] == "refused"]
     newcomer_macs = {vm.mac(lab, i) for i in newcomers}
-    grabbed = {(mac, a) for mac, a in held(final) - held_before if mac not in newcomer_macs}
+    # (a flood MAC of vm1's own rule may carry vm1's identity on: the same
+    # slot and address, on the same port; that takes nothing from anyone)
+    kept = {a for mac, a in held(final) if mac not in newcomer_macs}
+    grabbed = kept - {a for _mac, a in held_before}
+    if len(held(final)) - len(newcomer_macs) > len(held_before):
+        grabbed |= {"(more machines than before)"}
     grown = log_lines(lab) - lines_before
     problems = []
     if len(on_port) > 1:
@@ -388,8 +378,9 @@ def test_slot_exhaustion_one_port_gets_one_slot(make_lab: Any, mode: str) -> Non
         problems.append(f"{len(on_port)} machines hold a slot on vnet1 (limit 1): {by_state}")
     if grabbed:
         problems.append(f"the flood took {len(grabbed)} addresses, e.g. {sorted(grabbed)[:3]}")
-    if not refused or len(refused) > 100 or not {m["mac"] for m in refused} <= learned:
-        problems.append(f"{len(refused)} refused machines listed (want 1..100, all flood MACs)")
+    flooder = learned | {vm.mac(lab, 1)}  # vm1's own MAC, once a newer one carries it on
+    if not refused or len(refused) > 100 or not {m["mac"] for m in refused} <= flooder:
+        problems.append(f"{len(refused)} refused machines listed (want 1..100, all vm1's)")
     refusals = final.get("stats", {}).get("refusals")
     if not isinstance(refusals, int) or refusals < len(learned):
         problems.append(f"stats.refusals is {refusals!r}, want >= {len(learned)}")
@@ -405,24 +396,33 @@ def test_slot_exhaustion_one_port_gets_one_slot(make_lab: Any, mode: str) -> Non
 def test_control_flood_macs_get_slots_when_the_port_allows_them(
     make_lab: Any, mode: str, tmp_path: Path
 ) -> None:
-    """Control: with `max_machines_per_port = 1000` (today's controller knows no
-    such key and has no limit at all: its default behaves like this policy),
-    the same discovers give each flood MAC a slot on vnet1, in x or in
-    quarantine: the frames are well-formed and the bridge learns them."""
-    policy, _known = policy_with(mode, {"bridge.max_machines_per_port": "1000"}, tmp_path)
+    """Control: with `max_machines_per_port = 1000` and the learning and
+    broadcast rate limits lifted, the same discovers give each flood MAC of vm1's domain a
+    slot on vnet1 (the others are refused: one port, one domain): the frames
+    are well-formed and the bridge learns them."""
+    policy = policy_with(
+        mode,
+        {
+            "bridge.max_machines_per_port": "1000",
+            "limits.unknown_frames_per_second": "100000",
+            "limits.broadcasts_per_second": "100000",
+        },
+        tmp_path,
+    )
     lab = lab_for(make_lab, mode, 1, policy=policy)
     macs = flood_macs(300, seed=7)
     forge.send(lab, lab.vm_ns(1), [forge.dhcp("discover", src_mac=m) for m in macs])
+    odd = [m for m in macs if m.startswith("52:54:00:d0:") and int(m[-2:], 16) % 2]
 
-    def all_held() -> dict[str, dict[str, Any]] | None:
+    def all_decided() -> dict[str, dict[str, Any]] | None:
         seen = machines(lab)
-        ok = all(seen.get(m, {}).get("state") in HELD for m in macs)
+        ok = all(seen.get(m, {}).get("state") in HELD for m in odd)
         return seen if ok else None
 
-    seen = wait_for(all_held, timeout=60, what="every flood MAC to hold a slot")
-    domains = {seen[m]["domain"] for m in macs}
-    assert domains == {"x", "quarantine"}, domains
-    assert all(seen[m]["port"] == "vnet1" for m in macs)
+    seen = wait_for(all_decided, timeout=60, what="every flood MAC of x to hold a slot")
+    assert {seen[m]["domain"] for m in odd} == {"x"}
+    assert all(seen[m]["port"] == "vnet1" for m in odd)
+    assert len(odd) > 100
 
 
 # ---- 3. a MAC change into another domain --------------------------------------------------
@@ -440,7 +440,7 @@ def test_mac_change_into_another_domain_is_not_admitted(make_lab: Any) -> None:
     restarts its DHCP client: the new MAC is not admitted into x (refused or
     not admitted), vm2 gets no lease in 10.10.0.0/24 and reaches no x machine.
 
-    Today: the new MAC is a new machine on vnet2; it is admitted into x
+    Before the fix: the new MAC is a new machine on vnet2; it is admitted into x
     (web3.x.internal), leases an x address and reaches vm3."""
     lab = lab_for(make_lab, "bridge", 3)
     ip3 = machines(lab)[vm.mac(lab, 3)]["address"]
@@ -534,7 +534,7 @@ def test_release_and_decline_with_anothers_chaddr_change_nothing(make_lab: Any, 
     dnsmasq's lease file, dnsmasq never disables vm4's static address, and vm4
     renews the same address.
 
-    Today: dnsmasq trusts chaddr: it drops vm4's lease and logs "disabling
+    Before the fix: dnsmasq trusts chaddr: it drops vm4's lease and logs "disabling
     DHCP static address ... for 10m" for vm4's reserved address."""
     lab = lab_for(make_lab, mode, 4)
     s = site_of(lab, mode)
@@ -616,7 +616,7 @@ def test_discover_with_anothers_chaddr_gets_no_offer(site: Site) -> None:
     """vm2 broadcasts a DISCOVER with vm4's chaddr and client id: no offer
     naming vm4 (its address or its name) comes back to vm2.
 
-    Today: dnsmasq answers with vm4's reservation, broadcast: vm2 learns
+    Before the fix: dnsmasq answers with vm4's reservation, broadcast: vm2 learns
     vm4's address and hostname (db2)."""
     s = site
     replies, _own = offers_seen(s, 2, [s.mac(4)])
@@ -654,7 +654,7 @@ def test_l2_frames_to_another_domains_vm_are_dropped(site: Site) -> None:
     """vm1 (x) sends IP/UDP with x addresses to vm2's MAC (y), and to x's
     broadcast address with the broadcast MAC: vm2 captures nothing.
 
-    Today: vm2 receives both: ports_forward lets x-to-x addresses through to
+    Before the fix: vm2 receives both: ports_forward lets x-to-x addresses through to
     any port, whatever domain the destination MAC belongs to."""
     s, lab = site, site.lab
     marker = forge.new_marker("l2")
@@ -707,7 +707,7 @@ def test_arp_probes_reach_no_vm_outside_the_domain(site: Site) -> None:
     in hub mode they reach no other VM at all (hub machines have no neighbours
     on the bridge), in bridge mode no VM of another domain.
 
-    Today: ports_forward accepts every ARP probe, from anyone to everyone."""
+    Before the fix: ports_forward accepts every ARP probe, from anyone to everyone."""
     s, lab = site, site.lab
     marker = forge.new_marker("arp-probe")
     where = others(s, same_domain=s.hub)
@@ -721,7 +721,7 @@ def test_broadcast_flood_is_rate_limited(site: Site) -> None:
     """vm1 broadcasts 20,000 ARP probes: at most FLOOD_BOUND reach any other
     port or dom0 itself.
 
-    Today: there is no rate limit; every other VM and dom0 get all 20,000."""
+    Before the fix: there is no rate limit; every other VM and dom0 get all 20,000."""
     s, lab = site, site.lab
     marker = forge.new_marker("storm")
     where = {**others(s, same_domain=True), "dom0": lab.dom0_ns}
@@ -801,9 +801,9 @@ def test_soak_dnsmasq_keeps_one_pid_through_reservation_churn(
     more than 8,000 reservation changes through the controller, while vm1's
     DHCP client keeps renewing its address: dnsmasq keeps one pid throughout.
 
-    Today: dnsmasq dies within the first moves (SIGHUP while the hosts
+    Before the fix: dnsmasq dies within the first moves (SIGHUP while the hosts
     directory churns) and the controller restarts it with a new pid."""
-    policy, _known = policy_with("bridge", {"bridge.max_machines_per_port": "100"}, tmp_path)
+    policy = policy_with("bridge", {"bridge.max_machines_per_port": "100"}, tmp_path)
     base = policy.read_text()
     mover = topology.vm_mac(2)
     policy.write_text(churn_policy(base, False, mover))
@@ -899,7 +899,7 @@ def test_icmp_error_about_anothers_flow_is_not_delivered(site: Site) -> None:
     """While vm1 and vm3 (x) hold a TCP connection, vm2 (y) sends each of them
     an ICMP destination-unreachable quoting that flow: neither receives it.
 
-    Today: conntrack files it as "related" to the x flow, and inet dom0's
+    Before the fix: conntrack files it as "related" to the x flow, and inet dom0's
     forward chain accepts related packets from anyone: both receive it."""
     s, lab = site, site.lab
     port, sport = 7001, 41001
@@ -970,7 +970,7 @@ def test_syn_flood_is_bounded_per_machine(make_lab: Any, mode: str) -> None:
     """vm1 sends 20,000 SYNs to the echo: dom0 keeps at most the per-machine
     limit (4096) of conntrack entries for vm1's address.
 
-    Today: no limit: dom0 tracks all 20,000."""
+    Before the fix: no limit: dom0 tracks all 20,000."""
     lab = lab_for(make_lab, mode, 1)
     held_entries = syn_flood(lab, site_of(lab, mode))
     assert held_entries <= CONNECTIONS_PER_MACHINE, (
@@ -982,13 +982,22 @@ def test_syn_flood_is_bounded_per_machine(make_lab: Any, mode: str) -> None:
 def test_control_syn_flood_is_tracked_when_the_limit_allows_it(
     make_lab: Any, mode: str, tmp_path: Path
 ) -> None:
-    """Control: with `[limits] connections_per_machine = 100000` (today's
-    controller knows no such key and no limit), dom0 tracks >= 90 % of the
-    20,000 SYNs: they are well-formed and the count sees them."""
-    policy, _known = policy_with(mode, {"limits.connections_per_machine": "100000"}, tmp_path)
+    """Control: with `[limits] connections_per_machine = 100000` and the
+    new-connection rate lifted, dom0 tracks at least half of the 20,000 SYNs
+    (well above the default limit of 4,096): they are well-formed and the
+    count sees them. (Through the hub, wireguard-go drops some of a burst
+    this fast.)"""
+    policy = policy_with(
+        mode,
+        {
+            "limits.connections_per_machine": "100000",
+            "limits.new_connections_per_second": "1000000",
+        },
+        tmp_path,
+    )
     lab = lab_for(make_lab, mode, 1, policy=policy)
     held_entries = syn_flood(lab, site_of(lab, mode))
-    assert held_entries >= 0.9 * SYNS, held_entries
+    assert held_entries >= 0.5 * SYNS, held_entries
 
 
 def echo_request(s: Site, dst: str, marker: bytes) -> bytes:
@@ -1010,7 +1019,7 @@ def test_no_answer_from_another_domains_gateway_or_dom0s_wan(site: Site) -> None
     WAN address 198.51.100.2 get no answer at all (no echo reply, no RST, no
     ICMP error).
 
-    Today: dom0 answers: inet dom0's to_host chain accepts pings and x's
+    Before the fix: dom0 answers: inet dom0's to_host chain accepts pings and x's
     services (dns: tcp/53) by source pool, whatever dom0 address they are
     sent to: echo replies, and RSTs from port 53 where nothing listens."""
     s, lab = site, site.lab
@@ -1054,7 +1063,7 @@ def test_forged_dhcp_reply_routed_to_a_vm_is_dropped(site: Site) -> None:
     """vm1 sends a DHCPACK (UDP 67->68) to vm3's address through dom0 (to the
     gateway's MAC): vm3 receives nothing (only dom0 answers DHCP).
 
-    Today: ports_forward drops DHCP only between ports; routed by dom0 the
+    Before the fix: ports_forward drops DHCP only between ports; routed by dom0 the
     forged reply arrives (x may reach x)."""
     s, lab = site, site.lab
     marker = forge.new_marker("dhcp-ack")

@@ -3,7 +3,7 @@ the whole-state plan."""
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from controller.core.allocation import Allocation
@@ -120,3 +120,36 @@ def test_hub_machine_state_binds_its_hub_address_and_gets_a_peer() -> None:
     assert ("hub-x", "x.internal") in ps.dhcp.tag_domains
     p = plan(flatten(ps, [m]), EMPTY)
     assert f"hub: peer {key} allowed 10.10.0.9/32" in p.lines()
+
+
+@settings(max_examples=300, deadline=None)
+@given(machine_sets, machine_sets, st.sets(st.integers(0, 15)))
+def test_a_few_machines_plan_equals_whole_plan_with_port_mates(
+    before: list, after: list, touched: set
+) -> None:
+    """Machines of one port share its elements (PORT_SETS): planning only the
+    machines that changed, with their port's other machines as context, is
+    the whole plan."""
+    from controller.core.desired import port_of
+
+    b = {a.mac: machine_state(POLICY, a) for a in before}
+    # machines outside `touched` keep their applied state
+    changed = {f"52:54:00:00:00:{i:02x}" for i in touched}
+    a = {x.mac: machine_state(POLICY, x) for x in after if x.mac in changed}
+    a.update({m: s for m, s in b.items() if m not in changed})
+    # (allocation keeps addresses unique: so must the worlds compared here)
+    for world in (a, b):
+        addresses = [h.dhcp.address for h in world.values() if h.dhcp is not None]
+        assume(len(addresses) == len(set(addresses)))
+    macs = changed & (set(a) | set(b))
+    ports = {port_of(s) for m in macs for s in (a.get(m), b.get(m)) if s is not None}
+    context = [s for m, s in b.items() if m not in macs and port_of(s) in ports]
+    partial = plan_machines({m: a.get(m) for m in macs}, {m: b.get(m) for m in macs}, context)
+    whole = plan(
+        flatten(PSTATE, a.values()),
+        flatten(PSTATE, b.values()),
+    )
+    assert {k: v for k, v in partial.add.items() if v} == {k: v for k, v in whole.add.items() if v}
+    assert {k: v for k, v in partial.delete.items() if v} == {
+        k: v for k, v in whole.delete.items() if v
+    }

@@ -19,14 +19,17 @@ stops):
   bound to (FDB poisoning teaches nothing); ARP probes never cross ports;
   no DHCP between ports; IPv4 and ARP only between addresses that may talk
   directly (`peers`) *and* only out of the port that holds the destination
-  address (`port_addr`): the output port is checked, not just the address
-  pair, so neither a forged destination MAC nor a broadcast carries a frame
-  into another domain. IPv4 broadcast and multicast never cross ports; an
-  ARP request reaches only the port holding the address it asks for.
-- `ports_input` (port to dom0): nothing from unknown MACs; DHCP client
-  messages are checked field by field (`dhcp_request`) before anything else,
-  so that the DHCP exception cannot carry a forged source anywhere but to
-  dnsmasq; the rest is policed and then decided by `inet dom0`.
+  address (`port_addr`), or, for a domain's broadcast, out of the ports of
+  that domain (`port_bcast`): the output port is checked, not just the
+  address pair, so neither a forged destination MAC nor a broadcast carries a
+  frame into another domain. An ARP request reaches only the port holding
+  the address it asks for.
+- `ports_input` (port to dom0): nothing from unknown MACs; a DHCP client
+  message to dom0's server is checked field by field (`dhcp_request`) and may
+  come from any source address (0.0.0.0, or the one a machine held before a
+  move); the exception goes no further than dnsmasq. Everything else,
+  UDP to port 67 elsewhere included, is policed and then decided by
+  `inet dom0`.
 - `ports_output` (dom0 to a port): unicast only to the bound port; a DHCP
   reply only to the port of the machine it is for (broadcast ones included).
 
@@ -61,6 +64,7 @@ from controller.core.desired import (
     ICMP,
     PEERS,
     PORT_ADDR,
+    PORT_BCAST,
     PORT_MAC,
     REACH,
     SELF4,
@@ -133,6 +137,7 @@ SETS: dict[tuple[str, str], SetSpec] = {
             typeof=f"meta oifname . @th,{CHADDR[0]},{CHADDR[1]}",
         ),
         SetSpec("bridge", PORT_ADDR[1], ("ifname", "ipv4_addr")),
+        SetSpec("bridge", PORT_BCAST[1], ("ifname", "ipv4_addr")),
         SetSpec("bridge", PEERS[1], ("ipv4_addr", "ipv4_addr"), interval=True),
         SetSpec("bridge", DHCP_SERVER[1], ("ipv4_addr",)),
         SetSpec("inet", REACH[1], ("ipv4_addr", "ipv4_addr"), interval=True),
@@ -339,6 +344,12 @@ def _bridge(shape: Shape) -> dict[str, Chain]:
                 match(cat(out, pl("ip", "daddr")), "@port_addr"),
                 ACCEPT,
             ],
+            [
+                IS_IP,
+                match(cat(pl("ip", "saddr"), pl("ip", "daddr")), "@peers"),
+                match(cat(out, pl("ip", "daddr")), "@port_bcast"),
+                ACCEPT,
+            ],
             [counter(), DROP],
         ],
     )
@@ -360,6 +371,7 @@ def _bridge(shape: Shape) -> dict[str, Chain]:
             [match(cat(port, pl("ether", "saddr")), "@port_mac", "!="), counter(), DROP],
             [
                 IS_IP,
+                match(pl("ip", "daddr"), "@dhcp_server"),
                 match(meta("l4proto"), "udp"),
                 match(pl("udp", "dport"), 67),
                 jump("dhcp_request"),
@@ -368,13 +380,12 @@ def _bridge(shape: Shape) -> dict[str, Chain]:
         ],
     )
     b["dhcp_request"] = (
-        # A client's message, from any source address (0.0.0.0, its own, the
-        # one it held before a move: that is how it learns its new one), but
-        # only to dom0's DHCP server, and only about itself.
+        # A client's message to dom0's DHCP server, from any source address
+        # (0.0.0.0, its own, the one it held before a move: that is how it
+        # learns its new one), but only about itself.
         None,
         [
             [match(pl("udp", "sport"), 68, "!="), counter(), DROP],
-            [match(pl("ip", "daddr"), "@dhcp_server", "!="), counter(), DROP],
             [match(th(OP), 1, "!="), counter(), DROP],  # BOOTREQUEST
             [match(th(HTYPE_HLEN), 0x0106, "!="), counter(), DROP],  # Ethernet, 6 bytes
             [match(th(GIADDR), 0, "!="), counter(), DROP],  # a client is not a relay
