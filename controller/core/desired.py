@@ -21,6 +21,7 @@ from controller.policy.model import QUARANTINE, SERVICES, Limits, Policy
 # polices what is routed or delivered to dom0 (stateful, per domain).
 # Per machine:
 PORT_MAC = ("bridge", "port_mac")  # ifname . ether_addr: the machine on its port
+MACS = ("bridge", "machine_macs")  # ether_addr: every admitted MAC, whatever its port
 BINDING = ("bridge", "binding")  # ifname . ether_addr . ipv4_addr: its bridge address
 DHCP_CLIENT = ("bridge", "dhcp_client")  # ifname . ether_addr . chaddr: DHCP for itself only
 DHCP_REPLY = ("bridge", "dhcp_reply")  # ifname . chaddr: where a DHCP reply may go
@@ -40,7 +41,7 @@ ICMP = ("inet", "ping")  # pool . gateway: may ping dom0 there
 SSH4 = ("inet", "ssh4")  # ipv4_addr (interval): may reach dom0's sshd (host.ssh_from)
 SSH6 = ("inet", "ssh6")  # ipv6_addr (interval)
 
-MACHINE_SETS = (PORT_MAC, BINDING, PORT_ADDR, PORT_BCAST, DHCP_CLIENT, DHCP_REPLY, SELF4)
+MACHINE_SETS = (PORT_MAC, MACS, BINDING, PORT_ADDR, PORT_BCAST, DHCP_CLIENT, DHCP_REPLY, SELF4)
 # Elements the machines of one port share (the incremental path counts the
 # port's other machines in: see core.plan.plan_machines).
 PORT_SETS = (PORT_BCAST,)
@@ -221,6 +222,7 @@ def machine_state(policy: Policy, a: Allocation, public_key: str | None = None) 
     bridge_address = a.underlay if a.underlay is not None else a.address
     elements: dict[tuple[str, str], frozenset[Element]] = {
         PORT_MAC: frozenset({(a.port, a.mac)}),
+        MACS: frozenset({(a.mac,)}),
         BINDING: frozenset(),
         DHCP_CLIENT: frozenset({(a.port, a.mac, a.mac)}),
         DHCP_REPLY: frozenset({(a.port, a.mac)}),

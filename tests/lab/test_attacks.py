@@ -769,6 +769,84 @@ def test_control_broadcasts_all_arrive_without_dom0s_tables(make_lab: Any, mode:
     assert all(n >= FLOOD_ALL * FLOOD for n in counts.values()), counts
 
 
+# ---- 5b. FDB poisoning: another machine's MAC as source ------------------------------
+
+
+def fdb_port_of(lab: Lab, mac: str) -> str | None:
+    out = netns.run(lab.dom0_ns, ["bridge", "-j", "fdb", "show", "br", "virbr0"]).stdout
+    ports = [e.get("ifname") for e in json.loads(out or "[]") if e.get("mac") == mac]
+    return ports[0] if ports else None
+
+
+@contextlib.contextmanager
+def fdb_moves(lab: Lab, mac: str) -> Iterator[list[str]]:
+    """Every port the bridge announces `mac` on while the block runs
+    (`bridge monitor fdb` in dom0: a move is seen even if the guest's next
+    frame moves the entry straight back). Ready once it has printed the
+    monitor of a canary entry."""
+    log = lab.logs_dir / f"fdb-monitor-{secrets.token_hex(3)}.txt"
+    argv = netns.exec_argv(lab.dom0_ns, ["bridge", "monitor", "fdb"])
+    _, proc = processes.spawn(argv, log=log)
+    seen: list[str] = []
+    try:
+        canary = "02:00:5e:" + ":".join(secrets.token_hex(1) for _ in range(3))
+        netns.run(lab.dom0_ns, ["bridge", "fdb", "add", canary, "dev", "vnet2", "master", "static"])
+        wait_for(lambda: canary in log.read_text(errors="replace"), what="the FDB monitor")
+        netns.run(lab.dom0_ns, ["bridge", "fdb", "del", canary, "dev", "vnet2", "master"])
+        yield seen
+    finally:
+        processes.stop([proc])
+        for line in log.read_text(errors="replace").splitlines():
+            words = line.split()
+            if words and words[0] == mac and "dev" in words and not line.startswith("Deleted"):
+                seen.append(words[words.index("dev") + 1])
+
+
+def poison(s: Site) -> None:
+    """vm1 sends broadcasts with vm3's MAC as source: a bridge that learned
+    from them would move vm3's entry to vm1's port. (ARP: with br_netfilter,
+    an IPv4 frame meets inet dom0's reverse-path filter before the bridge
+    learns, and whether it passes depends on its source address.)"""
+    frame = bytes(
+        Ether(src=s.mac(3), dst=forge.BROADCAST)
+        / ARP(op=1, hwsrc=s.mac(3), psrc="0.0.0.0", pdst=unused_target(s))
+    )
+    forge.send(s.lab, s.ns(1), [frame] * 5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_anothers_mac_as_source_does_not_move_its_fdb_entry(make_lab: Any, mode: str) -> None:
+    """vm1 sends frames with vm3's MAC: the bridge never moves vm3 to vnet1,
+    and traffic to vm3 still reaches it.
+
+    Before the fix: the bridge learned vm3's MAC on vnet1; frames for vm3 went
+    to vm1's port (and were dropped there): any machine could cut another
+    off (found by the fake data plane's agreement test)."""
+    lab = lab_for(make_lab, mode, 3)
+    s = site_of(lab, mode)
+    with fdb_moves(lab, s.mac(3)) as moves:
+        poison(s)
+    assert "vnet1" not in moves, f"vm3's FDB entry moved to the forger's port: {moves}"
+    assert fdb_port_of(lab, s.mac(3)) == "vnet3"
+    assert vm.whoami(lab, 3) == "198.51.100.3"  # vm3 still reaches, and is reached by, dom0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_control_without_dom0s_tables_the_forged_mac_moves_the_entry(
+    make_lab: Any, mode: str
+) -> None:
+    """Control: with the controller stopped and dom0's bridge table deleted,
+    the same frames move vm3's entry to vnet1 (the monitor sees it): they are
+    what a bridge learns from."""
+    lab = lab_for(make_lab, mode, 3)
+    s = site_of(lab, mode)
+    controllerproc.stop(lab)
+    netns.run(lab.dom0_ns, ["nft", "delete", "table", "bridge", "dom0"])
+    with fdb_moves(lab, s.mac(3)) as moves:
+        poison(s)
+    assert "vnet1" in moves, moves
+
+
 # ---- 6. dnsmasq under churn -------------------------------------------------------------
 
 CHURN_MACS = 40  # static FDB entries on vm3's port: machines that move with the policy

@@ -9,10 +9,12 @@ with the `Shape` (a reload that changes interfaces or limits).
 bridge learns or forwards anything (see docs/security.md for what each rule
 stops):
 
-- `ingress` (prerouting, before FDB learning): frames from MACs that hold no
-  admission are rate-limited per port, so a MAC flood teaches the bridge (and
-  the controller) only a trickle; broadcast and multicast are rate-limited
-  per port.
+- `ingress` (prerouting, before FDB learning): a frame with the MAC of a
+  machine admitted on another port is dropped before the bridge can learn
+  it there (FDB poisoning would cut that machine off); frames from MACs that
+  hold no admission are rate-limited per port, so a MAC flood teaches the
+  bridge (and the controller) only a trickle; broadcast and multicast are
+  rate-limited per port.
 - `police_source`: a port sends only with the MACs bound to it, a MAC only
   with its bound address, ARP included; nothing but IPv4 and ARP.
 - `ports_forward` (port to port): a unicast frame only to the port its MAC is
@@ -65,6 +67,7 @@ from controller.core.desired import (
     PEERS,
     PORT_ADDR,
     PORT_BCAST,
+    MACS,
     PORT_MAC,
     REACH,
     SELF4,
@@ -123,6 +126,7 @@ SETS: dict[tuple[str, str], SetSpec] = {
     for s in (
         SetSpec("bridge", EXEMPT[1], ("ifname",)),
         SetSpec("bridge", PORT_MAC[1], ("ifname", "ether_addr")),
+        SetSpec("bridge", MACS[1], ("ether_addr",)),
         SetSpec("bridge", BINDING[1], ("ifname", "ether_addr", "ipv4_addr")),
         SetSpec(
             "bridge",
@@ -287,7 +291,11 @@ def _bridge(shape: Shape) -> dict[str, Chain]:
     )
     b["unknown_mac"] = (
         None,
-        [[over_rate("unknown_rate", port, limits.unknown_frames_per_second), counter(), DROP]],
+        [
+            # another port's machine: never learned here
+            [match(pl("ether", "saddr"), "@machine_macs"), counter(), DROP],
+            [over_rate("unknown_rate", port, limits.unknown_frames_per_second), counter(), DROP],
+        ],
     )
     b["police_source"] = (
         None,
