@@ -67,6 +67,7 @@ class CheckKillswitch:
 # Everything the reconcile loop takes.
 Item = inv.Event | Leases | Reload | Resync | CheckKillswitch
 KILLSWITCH_CHECK = 5.0  # seconds, at most (and at most half the resync period)
+RETRY = 1.0  # seconds between a driver's failure and the sync that retries it
 
 
 class Controller:
@@ -103,6 +104,7 @@ class Controller:
             nursery.start_soon(self._watch_policy)
             nursery.start_soon(self._resync_timer, netlink)
             nursery.start_soon(self._killswitch_timer)
+            nursery.start_soon(self._retry_timer)
             await nursery.start(control.serve, self.state_dir, self._handle)
             log.info(
                 "controller running: policy %s, bridge %s, state %s",
@@ -136,6 +138,14 @@ class Controller:
             await trio.sleep(self.resync_every)
             await netlink.resync()
             await self.send.send(Resync("periodic", periodic=True))
+
+    async def _retry_timer(self) -> None:
+        """A driver that failed is tried again a second later, not at the
+        next period (and not in a hot loop)."""
+        while True:
+            await trio.sleep(RETRY)
+            if self.reconciler.needs_retry:
+                await self.send.send(Resync("retry after a driver failed"))
 
     async def _killswitch_timer(self) -> None:
         while True:

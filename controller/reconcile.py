@@ -37,13 +37,10 @@ from controller.core.desired import (
 )
 from controller.core.leases import Leases
 from controller.core.plan import Flat, Plan, flatten, plan, plan_machines
-from controller.dataplane import DataPlane
+from controller.dataplane import AddressDriver, DataPlane, NftDriver, TunnelDriver
 from controller.dataplane import Outcome as Applied
-from controller.drivers.addresses import Addresses
 from controller.drivers.dhcp import Dnsmasq, HostsDir
 from controller.drivers.machine_keys import MachineKeys
-from controller.drivers.nft import Nft
-from controller.drivers.tunnels import Tunnels
 from controller.policy.model import QUARANTINE, Policy
 from controller.store import Store
 
@@ -124,10 +121,10 @@ class Reconciler:
         policy: Policy,
         state_dir: Path,
         *,
-        nft: Nft,
-        addresses: Addresses | None,
+        nft: NftDriver,
+        addresses: AddressDriver | None,
         dnsmasq: Dnsmasq | None,
-        tunnels: Tunnels | None = None,
+        tunnels: TunnelDriver | None = None,
         keys: MachineKeys | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -157,6 +154,7 @@ class Reconciler:
         self.dirty_all = True  # the first reconcile is a full sync
         self.force_rebuild = False
         self.periodic = False  # the pending full sync is a periodic one: changes are repairs
+        self.needs_retry = False  # a driver failed: sync again after a moment
         self.stats = Stats()
 
     # -- observing -------------------------------------------------------------
@@ -372,6 +370,8 @@ class Reconciler:
             self.applied_ports.setdefault(port_of(state), set()).add(mac)
 
     def _count(self, applied: Applied) -> None:
+        if applied.errors:
+            self.needs_retry = True  # a full sync soon (the engine waits a moment first)
         for part, error in applied.errors:
             self.stats.errors += 1
             self.stats.last_error = f"{part}: {error}"
@@ -427,7 +427,7 @@ class Reconciler:
         """The full path: observe what every driver holds, plan, apply."""
         self.stats.syncs += 1
         rebuild, periodic = self.force_rebuild, self.periodic
-        self.dirty_all = self.force_rebuild = self.periodic = False
+        self.dirty_all = self.force_rebuild = self.periodic = self.needs_retry = False
         self.dirty.clear()
         pstate, machines, want, p = self.full_plan(int(self.clock()), rebuild)
         if self.inventory.bridge_index is None:

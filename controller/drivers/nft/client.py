@@ -8,6 +8,7 @@ as JSON, also one transaction each (a bad element rolls back the batch).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,61 @@ from controller.drivers.nft.ruleset import (
 
 class NftError(Exception):
     pass
+
+
+# An empty chain whose name records the fingerprint of a table's chains and
+# rules as the kernel listed them right after dom0 wrote them: a rule
+# deleted or changed, or a chain's policy changed, no longer matches it.
+STAMP = "rules_"
+_MARKERS = ("shape_", "ks_", STAMP)
+
+
+def _zeroed(v: object) -> object:
+    """The listing without what traffic changes (counters) or the kernel
+    numbers (handles)."""
+    if isinstance(v, dict):
+        return {
+            k: (None if k == "counter" else _zeroed(x)) for k, x in v.items() if k != "handle"
+        }
+    if isinstance(v, list):
+        return [_zeroed(x) for x in v]
+    return v
+
+
+def fingerprint(objs: list[dict]) -> str:
+    """Of a table's listing (libnftables JSON): its chains, their hooks,
+    priorities and policies, their rules, and its sets' declarations (not
+    their elements, which the set diff takes care of)."""
+    parts: list[object] = []
+    for obj in objs:
+        if "chain" in obj:
+            c = obj["chain"]
+            if not c["name"].startswith(_MARKERS):
+                parts.append(["chain", _zeroed({k: v for k, v in c.items() if k != "table"})])
+        elif "rule" in obj:
+            r = obj["rule"]
+            if not r["chain"].startswith(_MARKERS):
+                parts.append(["rule", r["chain"], _zeroed(r["expr"])])
+        elif "set" in obj:
+            d = {k: v for k, v in obj["set"].items() if k not in ("elem", "table")}
+            parts.append(["set", _zeroed(d)])
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return digest[:16]
+
+
+def stamped(objs: list[dict]) -> bool:
+    """Whether the table still is what dom0 wrote (its stamp matches)."""
+    names = [o["chain"]["name"] for o in objs if "chain" in o]
+    stamps = [n for n in names if n.startswith(STAMP)]
+    return len(stamps) == 1 and stamps[0] == STAMP + fingerprint(objs)
+
+
+def _chain_names(objs: list[dict]) -> set[str]:
+    return {
+        o["chain"]["name"]
+        for o in objs
+        if "chain" in o and not o["chain"]["name"].startswith(STAMP)
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +138,17 @@ class Nft:
 
     def rebuild(self, shape: Shape, sets: Mapping[tuple[str, str], Iterable[Element]]) -> None:
         self._script(tables_text(shape, sets))
+        self._stamp([(f, TABLE) for f in FAMILIES])
+
+    def _stamp(self, tables: list[tuple[str, str]]) -> None:
+        """Record, in each table, the fingerprint of what the kernel now lists."""
+        lines = []
+        for family, table in tables:
+            objs = self._list(family, table)
+            if objs is None:
+                raise NftError(f"table {family} {table} is gone right after it was written")
+            lines.append(f"add chain {family} {table} {STAMP}{fingerprint(objs)}")
+        self._script("\n".join(lines) + "\n")
 
     def apply(self, plan: Plan) -> None:
         """Element changes only, in one transaction (all or nothing)."""
@@ -104,23 +171,13 @@ class Nft:
             if objs is None:
                 ok = False
                 continue
-            names: set[str] = set()
-            rules: dict[str, int] = {}
             for obj in objs:
                 if "set" in obj:
                     s = obj["set"]
                     key = (family, s["name"])
                     if key in SETS:  # (meters are the kernel's to fill)
                         sets[key] = frozenset(elem_from_json(key, e) for e in s.get("elem", []))
-                elif "chain" in obj:
-                    names.add(obj["chain"]["name"])
-                elif "rule" in obj:
-                    chain = obj["rule"]["chain"]
-                    rules[chain] = rules.get(chain, 0) + 1
-            want = expected[family]
-            if names != {*want, marker} or any(
-                rules.get(n, 0) != len(r) for n, (_b, r) in want.items()
-            ):
+            if _chain_names(objs) != {*expected[family], marker} or not stamped(objs):
                 ok = False
         if set(sets) != set(SETS):
             ok = False
@@ -143,21 +200,13 @@ class Nft:
 
     @staticmethod
     def _killswitch_is(objs: list[dict], ks: KillSwitch) -> bool:
-        names: set[str] = set()
-        rules: dict[str, int] = {}
-        for obj in objs:
-            if "chain" in obj:
-                names.add(obj["chain"]["name"])
-            elif "rule" in obj:
-                rules[obj["rule"]["chain"]] = rules.get(obj["rule"]["chain"], 0) + 1
-        want = killswitch_chains(ks)
-        return names == {*want, killswitch_marker(ks)} and all(
-            rules.get(n, 0) == len(r) for n, (_b, r) in want.items()
-        )
+        want = {*killswitch_chains(ks), killswitch_marker(ks)}
+        return _chain_names(objs) == want and stamped(objs)
 
     def write_killswitch(self, ks: KillSwitch) -> None:
         """Replace the kill switch table atomically (never a moment without it)."""
         self._script(killswitch_text(ks))
+        self._stamp([("inet", KILLSWITCH_TABLE)])
 
     def delete_killswitch(self) -> None:
         self._script(f"add table inet {KILLSWITCH_TABLE}\ndelete table inet {KILLSWITCH_TABLE}\n")
