@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -20,6 +21,11 @@ def parse_sizes(text: str, *, at_least: int, at_most: int) -> list[int] | None:
     return sizes
 
 
+# A tail percentile needs enough samples to mean anything: with fewer than
+# 100, "p99" would just be the largest value under another name.
+P99_MIN_RUNS = 100
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
@@ -27,13 +33,43 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summary(values: list[float]) -> dict:
+    """Seconds in, milliseconds out: the sample count always, the median,
+    min and max, and p99 only from at least `P99_MIN_RUNS` samples."""
     ms = [v * 1000 for v in values]
-    return {
+    out = {
         "runs": len(ms),
         "median_ms": round(statistics.median(ms), 3),
-        "p99_ms": round(percentile(ms, 0.99), 3),
         "min_ms": round(min(ms), 3),
+        "max_ms": round(max(ms), 3),
     }
+    if len(ms) >= P99_MIN_RUNS:
+        out["p99_ms"] = round(percentile(ms, 0.99), 3)
+    return out
+
+
+def tail(s: dict) -> tuple[str, float]:
+    """The tail a summary can vouch for: ("p99", ms) or, with too few
+    samples for a percentile, ("max", ms)."""
+    return ("p99", s["p99_ms"]) if "p99_ms" in s else ("max", s["max_ms"])
+
+
+def ratio(a: float, b: float, digits: int = 2) -> float | None:
+    """a / b, or None when b is 0 (a timer too coarse for the step)."""
+    return round(a / b, digits) if b else None
+
+
+def delete_namespace(name: str) -> None:
+    """Stop whatever still runs in one of the bench's own network namespaces
+    (by PID: only processes inside it), then delete it."""
+    import signal
+
+    from controller.lab import netns
+
+    for pid in netns.pids([name]).get(name, []):
+        if netns.in_namespace(pid, name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    netns.delete([name])
 
 
 def machine_info() -> dict:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from controller.bench.common import machine_info, parse_sizes, summary
+from controller.bench.common import delete_namespace, machine_info, parse_sizes, summary, tail
 from controller.drivers.wireguard import keys
 
 PY = sys.executable
@@ -66,14 +66,6 @@ class Worker:
 
 def _ns(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-def _delete_ns(name: str) -> None:
-    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout
-    for pid in pids.split():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), 9)  # only processes inside our own bench namespace
-    subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
 
 def peers_and_first_packet(sizes: list[int], runs: int) -> dict:
@@ -129,7 +121,7 @@ def peers_and_first_packet(sizes: list[int], runs: int) -> dict:
         for w in workers:
             w.close()
         for ns in (hub_ns, cli_ns):
-            _delete_ns(ns)
+            delete_namespace(ns)
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
@@ -169,15 +161,17 @@ def table(result: dict) -> str:
     m = result["machine"]
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}"]
     for n, s in result["add_peer"].items():
+        label, v = tail(s)
         lines.append(
             f"add one hub peer with {n:>5} present: median {s['median_ms']:.3f} ms, "
-            f"p99 {s['p99_ms']:.3f} ms"
+            f"{label} {v:.3f} ms (n={s['runs']})"
         )
     fp = result["first_packet"]
     if fp:
+        label, v = tail(fp)
         lines.append(
             f"first packet through a fresh peer (handshake included): median "
-            f"{fp['median_ms']:.2f} ms, p99 {fp['p99_ms']:.2f} ms"
+            f"{fp['median_ms']:.2f} ms, {label} {v:.2f} ms (n={fp['runs']})"
         )
     t = result.get("throughput")
     if t:
