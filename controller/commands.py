@@ -14,6 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _run(sub)
     _killswitch(sub)
     _status(sub)
+    _ask(sub)
     _wg(sub)
     _lab(sub)
     _bench(sub)
@@ -98,6 +99,24 @@ def _status(sub: argparse._SubParsersAction) -> None:
         return status_command(args.state, as_json=args.json)
 
     p.set_defaults(handler=handler)
+
+
+def _ask(sub: argparse._SubParsersAction) -> None:
+    helps = {
+        "reload": "re-read the policy file now (as SIGHUP does); an invalid one is refused",
+        "resync": "compare everything with what the kernel and daemons hold now, and repair",
+    }
+    for cmd, text in helps.items():
+        p = sub.add_parser(cmd, help=text)
+        p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR")
+        p.add_argument("--json", action="store_true")
+
+        def handler(args: argparse.Namespace, cmd: str = cmd) -> int:
+            from controller.control import ask_command
+
+            return ask_command(args.state, cmd, as_json=args.json)
+
+        p.set_defaults(handler=handler)
 
 
 def _wg(sub: argparse._SubParsersAction) -> None:

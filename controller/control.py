@@ -107,3 +107,29 @@ def status_command(state_dir: str, *, as_json: bool = False) -> int:
 
         print(format_status(reply))
     return 0 if reply.get("ok", True) else 1
+
+
+def ask_command(state_dir: str, cmd: str, *, as_json: bool = False) -> int:
+    """`dom0 reload` / `dom0 resync`: queue the request; the generation in
+    `dom0 status --json` passes the one printed here once it is done."""
+    try:
+        before = request(state_dir, "status").get("generation")
+        reply = request(state_dir, cmd)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(
+            f"dom0 {cmd}: no controller is running with state {state_dir} "
+            f"({Path(state_dir) / SOCKET_NAME} does not answer)",
+            file=sys.stderr,
+        )
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"dom0 {cmd}: {state_dir}: {e}", file=sys.stderr)
+        return 1
+    reply = {**reply, "generation_before": before}
+    if as_json:
+        print(json.dumps(reply))
+    elif reply.get("ok"):
+        print(f"{cmd} queued (generation {before}; see dom0 status)")
+    else:
+        print(f"dom0 {cmd}: {reply.get('error')}", file=sys.stderr)
+    return 0 if reply.get("ok") else 1

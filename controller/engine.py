@@ -56,7 +56,7 @@ class Reload:
 @dataclass(frozen=True)
 class Resync:
     why: str
-    periodic: bool = False  # by the clock: what it changes is drift, repaired
+    repair: bool = False  # by the clock or the operator: what it changes is drift, repaired
 
 
 @dataclass(frozen=True)
@@ -136,8 +136,11 @@ class Controller:
         full sync against every driver (drift is repaired, and counted)."""
         while True:
             await trio.sleep(self.resync_every)
+            # marked first, so that the sync the fresh dump brings is the
+            # repairing one (reconcile runs on this thread: no race)
+            self.reconciler.request_resync(repair=True)
             await netlink.resync()
-            await self.send.send(Resync("periodic", periodic=True))
+            await self.send.send(Resync("periodic", repair=True))
 
     async def _retry_timer(self) -> None:
         """A driver that failed is tried again a second later, not at the
@@ -156,7 +159,7 @@ class Controller:
         if isinstance(item, Reload):
             self._reload(item.why)
         elif isinstance(item, Resync):
-            self.reconciler.request_resync(periodic=item.periodic)
+            self.reconciler.request_resync(repair=item.repair)
         elif isinstance(item, CheckKillswitch):
             self.reconciler.check_killswitch()
         else:
@@ -205,7 +208,11 @@ class Controller:
     # -- control socket ------------------------------------------------------------
     def _handle(self, request: dict) -> dict:
         def post(cmd: str) -> bool:
-            item = Reload("control socket") if cmd == "reload" else Resync("control socket")
+            item = (
+                Reload("control socket")
+                if cmd == "reload"
+                else Resync("control socket", repair=True)
+            )
             try:
                 self.send.send_nowait(item)
             except trio.WouldBlock:

@@ -130,6 +130,7 @@ def plan_command(policy_file: str, state_dir: str, *, as_json: bool = False) -> 
                     "bridge_present": inventory.bridge_index is not None,
                     "allocations": decisions,
                     "changes": p.to_json(),
+                    "lines": p.lines(),
                     "empty": p.empty and not decisions,
                 },
                 indent=2,

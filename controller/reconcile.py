@@ -73,7 +73,7 @@ class Stats:
     rebuilds: int = 0
     errors: int = 0
     refusals: int = 0  # MACs refused (port security, full pools), counted per decision
-    repairs: int = 0  # changes a periodic resync found necessary: drift repaired
+    repairs: int = 0  # changes a repairing resync (periodic or asked for) found: drift
     last_repair: list[str] = field(default_factory=list)  # what the latest repair changed
     generation: int = 0  # bumped after every applied reconcile and every reload outcome
     last_error: str | None = None
@@ -153,7 +153,7 @@ class Reconciler:
         self.dirty: set[str] = set()
         self.dirty_all = True  # the first reconcile is a full sync
         self.force_rebuild = False
-        self.periodic = False  # the pending full sync is a periodic one: changes are repairs
+        self.repairing = False  # the pending full sync was asked for to repair: changes are drift
         self.needs_retry = False  # a driver failed: sync again after a moment
         self.stats = Stats()
 
@@ -226,12 +226,13 @@ class Reconciler:
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
         self.dirty_all = True
+        self.repairing = False  # what the next sync changes, the new policy asks for
 
-    def request_resync(self, periodic: bool = False) -> None:
+    def request_resync(self, repair: bool = False) -> None:
         """The next reconcile is a full sync against what the drivers hold;
-        `periodic`: nothing asked for it but the clock, so whatever it changes
-        is drift, repaired (and counted)."""
-        self.periodic = periodic and not self.dirty_all
+        `repair`: asked for by the clock or the operator, not by a change, so
+        whatever it changes is drift, repaired (and counted)."""
+        self.repairing = repair or (self.repairing and self.dirty_all)
         self.dirty_all = True
 
     def request_rebuild(self) -> None:
@@ -426,13 +427,13 @@ class Reconciler:
     def sync(self) -> None:
         """The full path: observe what every driver holds, plan, apply."""
         self.stats.syncs += 1
-        rebuild, periodic = self.force_rebuild, self.periodic
-        self.dirty_all = self.force_rebuild = self.periodic = self.needs_retry = False
+        rebuild, repairing = self.force_rebuild, self.repairing
+        self.dirty_all = self.force_rebuild = self.repairing = self.needs_retry = False
         self.dirty.clear()
         pstate, machines, want, p = self.full_plan(int(self.clock()), rebuild)
         if self.inventory.bridge_index is None:
             log.warning("bridge %s does not exist yet: waiting for it", self.policy.bridge)
-        if periodic and not p.empty:
+        if repairing and not p.empty:
             lines = p.lines()
             self.stats.repairs += len(lines)
             self.stats.last_repair = lines[:20]

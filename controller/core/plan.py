@@ -103,8 +103,11 @@ class Plan:
         if self.hub is not None:
             out.append(f"hub: {self.hub.interface} listening on {self.hub.endpoint}")
         if self.rebuild:
-            out.append("nftables: rebuild dom0's tables (chains changed or absent)")
-        for key in ALL_SETS:
+            count = sum(len(v) for v in self.add.values())
+            out.append(
+                f"nftables: rebuild dom0's tables with {count} elements (chains changed or absent)"
+            )
+        for key in ALL_SETS if not self.rebuild else ():
             for e in sorted(self.delete.get(key, ())):
                 out.append(f"nftables: delete {key[0]} dom0 {key[1]} {{ {' . '.join(e)} }}")
             for e in sorted(self.add.get(key, ())):

@@ -199,7 +199,7 @@ def run(world: World, sequence: list) -> None:
         elif op == "fail_addresses":
             world.addresses.fail_next = 1
         elif op == "resync":
-            world.rec.request_resync(periodic=True)
+            world.rec.request_resync(repair=True)
         elif op == "tick":
             world.clock.now += 600
         else:
@@ -253,7 +253,7 @@ def test_a_periodic_resync_repairs_and_counts_drift(tmp_path: Path) -> None:
     w.nft.sets[("bridge", "port_mac")].add(("vnet9", "02:00:00:00:00:09"))
     (tmp_path / "s" / "dhcp" / "hosts" / MACS[0].replace(":", "-")).write_text("nonsense\n")
     w.addresses.held.clear()
-    w.rec.request_resync(periodic=True)
+    w.rec.request_resync(repair=True)
     w.catch_up()
     assert w.rec.stats.repairs >= 4, w.rec.stats.last_repair
     assert w.held(w.rec, w.nft, w.addresses, w.tunnels) == w.from_scratch(tmp_path / "x")
