@@ -54,3 +54,16 @@ def root_namespace_unchanged() -> Iterator[None]:
     after = _root_state()
     changed = [k for k in before if before[k] != after[k]]
     assert not changed, f"the test suite changed the root namespace: {changed}"
+
+
+# Under CI (`.ci/run` sets DOM0_REQUIRE_ALL=1), a skipped test is a failure:
+# a lab test that skips for want of root, a tool or a kernel feature would
+# otherwise let the run claim what it never tried.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if os.environ.get("DOM0_REQUIRE_ALL") == "1" and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but DOM0_REQUIRE_ALL=1 (CI) wants every test run: {reason}"
