@@ -115,9 +115,10 @@ def plan_command(policy_file: str, state_dir: str, *, as_json: bool = False) -> 
                 "confirmed": a.confirmed,
             }
         )
-    for mac, out in d.outcomes.items():
-        if out.refused:
-            decisions.append({"mac": mac, "refused": out.refused})
+    # refused MACs change nothing (and there may be thousands: the first 100)
+    refused = [
+        {"mac": mac, "refused": out.refused} for mac, out in d.outcomes.items() if out.refused
+    ][:100]
     pstate = policy_state(policy, inventory.foreign_ports)
     desired = flatten(pstate, [m for m in d.states.values() if m is not None])
     observed = _dataplane(state).observe(desired, {policy.bridge})
@@ -129,6 +130,7 @@ def plan_command(policy_file: str, state_dir: str, *, as_json: bool = False) -> 
                     "policy": policy_file,
                     "bridge_present": inventory.bridge_index is not None,
                     "allocations": decisions,
+                    "refused": refused,
                     "changes": p.to_json(),
                     "lines": p.lines(),
                     "empty": p.empty and not decisions,
@@ -139,10 +141,10 @@ def plan_command(policy_file: str, state_dir: str, *, as_json: bool = False) -> 
         return 0
     if inventory.bridge_index is None:
         print(f"note: bridge {policy.bridge} does not exist in this network namespace")
+    for x in refused:
+        print(f"machine: {x['mac']} refused: {x['refused']}")
     for x in decisions:
-        if "refused" in x:
-            print(f"machine: {x['mac']} refused: {x['refused']}")
-        elif "released" in x:
+        if "released" in x:
             print(f"machine: {x['mac']} released")
         elif x["absent"]:
             print(f"machine: {x['mac']} gone; keeps {x['name']} {x['address']} until released")

@@ -82,9 +82,10 @@ class Stats:
 
 
 class LogBudget:
-    """At most `lines` log lines per `window` seconds for one kind of news
-    (input a guest controls must not fill the log); the rest is counted and
-    summed up in one line when the next window opens."""
+    """At most `lines` log lines per `window` seconds for the news a guest's
+    MACs make (refusals, a new MAC carrying a machine on): input a guest
+    controls must not fill the log. The rest is counted and summed up in one
+    line when the next window opens."""
 
     def __init__(self, lines: int, window: float, clock: Callable[[], float]) -> None:
         self.lines = lines
@@ -99,7 +100,8 @@ class LogBudget:
         if now - self.start >= self.window:
             if self.suppressed:
                 log.warning(
-                    "%d more refusals in the last %.0f s were not logged (see dom0 status)",
+                    "%d more refusals and MAC changes in the last %.0f s were not logged "
+                    "(see dom0 status)",
                     self.suppressed,
                     now - self.start,
                 )
@@ -291,7 +293,7 @@ class Reconciler:
                 self.refused.popitem(last=False)
         else:
             self.refused.pop(mac, None)
-        if out.took_over is not None:
+        if out.took_over is not None and self.refusal_log.allow():
             log.info(
                 "machine %s on %s carries on as %s (was %s: same port, same rule)",
                 mac,
