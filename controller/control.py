@@ -40,14 +40,18 @@ async def serve(
     sock.listen(16)
     listener = trio.SocketListener(sock)
     task_status.started()
+
+    async def client(stream: trio.SocketStream) -> None:
+        await _client(stream, handler)
+
     try:
-        await trio.serve_listeners(lambda s: _client(s, handler), [listener])
+        await trio.serve_listeners(client, [listener])
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
 
-async def _client(stream: trio.SocketStream, handler: Handler) -> None:
+async def _client(stream: trio.abc.Stream, handler: Handler) -> None:
     async with stream:
         buf = b""
         with trio.move_on_after(5):

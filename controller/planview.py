@@ -45,12 +45,12 @@ def _dataplane(state: Path) -> DataPlane:
     from controller.drivers.dhcp import Dnsmasq
     from controller.drivers.nft import Nft
     from controller.drivers.tunnels import Tunnels
-    from controller.drivers.wireguard import detect
+    from controller.drivers.wireguard import WireGuard, detect
 
     addresses = Addresses()
-    found = []
+    found: list[WireGuard] = []
 
-    def wg():  # type: ignore[no-untyped-def]
+    def wg() -> WireGuard:
         if not found:
             d = state / "wireguard"
             found.append(detect(d, log_dir=d))

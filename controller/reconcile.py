@@ -160,7 +160,7 @@ class Reconciler:
         self.stats = Stats()
 
     # -- observing -------------------------------------------------------------
-    def observe(self, event: object) -> None:
+    def observe(self, event: inv.Event | Leases) -> None:
         """Fold one source event in and mark what it may have changed.
 
         O(machines touched), not O(machines): this runs for every event."""

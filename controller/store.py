@@ -112,7 +112,15 @@ class Store:
             "SELECT mac, rule, slot, domain, address, port, absent_since, underlay, "
             "port_index, confirmed, origin FROM allocations"
         )
-        return [Allocation(*row[:9], bool(row[9]), row[10]) for row in rows]
+        return [
+            Allocation(
+                mac=mac, rule=rule, slot=slot, domain=domain, address=address, port=port,
+                absent_since=absent, underlay=underlay, port_index=index,
+                confirmed=bool(confirmed), origin=origin,
+            )
+            for mac, rule, slot, domain, address, port, absent, underlay, index, confirmed, origin
+            in rows
+        ]  # fmt: skip
 
     def commit_allocations(self, put: Iterable[Allocation], remove: Iterable[str] = ()) -> None:
         """One transaction: removals first, so a slot or an address can pass

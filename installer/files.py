@@ -330,7 +330,8 @@ def modprobe_zfs(cfg: Config) -> str:
 
 
 def ssh_sets(cfg: Config) -> tuple[list[str], list[str]]:
-    v4, v6 = [], []
+    v4: list[str] = []
+    v6: list[str] = []
     for s in cfg.firewall.ssh_sources:
         (v4 if ipaddress.ip_network(s).version == 4 else v6).append(s)
     return v4, v6

@@ -435,7 +435,7 @@ class Extract(Op):
         return f"extract {self.archive} into {self.dest}{strip}"
 
     def commands(self) -> list[tuple[str, ...]]:
-        out = []
+        out: list[tuple[str, ...]] = []
         if self.strip_top:
             out.append(("tar", "--list", "--file", self.archive))
         out.append(tar_extract(self.archive, self.dest, self.strip_top))

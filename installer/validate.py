@@ -224,7 +224,7 @@ def usr_layout(cfg: Config, t: Tree) -> Result:
         bad = [
             f"/{n} -> {links[n]}" if links[n] else f"/{n} is not a symlink"
             for n in names
-            if not (links[n] and posixpath.normpath(links[n]).lstrip("/").startswith("usr/"))
+            if not ((target := links[n]) and posixpath.normpath(target).lstrip("/").startswith("usr/"))
         ]
         return check(
             "usr.layout",

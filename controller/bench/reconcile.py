@@ -142,7 +142,9 @@ def _check_admitted(rec: Reconciler, mac: str, state: Path, hub: bool) -> None:
         assert m.peer is not None, f"{mac}: admitted without a hub peer"
         key_file = state / "keys" / "machines" / f"{mac.replace(':', '-')}.key"
         assert key_file.stat().st_mode & 0o777 == 0o600, "no tunnel key (0600)"
-        assert rec.tunnels is not None and pstate.hub is not None
+        from controller.drivers.tunnels import Tunnels
+
+        assert isinstance(rec.tunnels, Tunnels) and pstate.hub is not None
         peers = rec.tunnels.wg.get(pstate.hub.interface).peers
         assert base64.b64decode(m.peer.public_key) in peers, f"{mac}: not a peer of the hub"
 

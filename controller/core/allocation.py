@@ -14,7 +14,7 @@ It does no I/O: the engine persists what `decide` returns.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 
@@ -259,7 +259,7 @@ def assign(
         ledger.remove(mac)
     released: list[Allocation] = []
     key = f"{t.domain}|{t.rule}|{mac}"
-    victims = iter(())
+    victims: Iterator[Allocation] = iter(())
     while True:
         slot = ledger.free_slot(t)
         address = ledger.free_address(t, key)

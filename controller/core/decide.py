@@ -245,12 +245,12 @@ def decide_many(
         for r in out.released:
             touched[r.mac] = None
             states[r.mac] = None  # released, possibly after it was decided
-        a = ledger.get(mac)
+        held = ledger.get(mac)
         if (
             out.state is not None
-            and a is not None
-            and a.underlay is not None
-            and a.key_id not in keys
+            and held is not None
+            and held.underlay is not None
+            and held.key_id not in keys
         ):
-            needed.add(a.key_id)
+            needed.add(held.key_id)
     return Decisions(outcomes, states, tuple(touched), frozenset(needed))

@@ -324,9 +324,9 @@ def _from_snapshot(snap: Snapshot, seq: int) -> Tables:
         if local.get(mac):
             continue
         masters = {
-            link.master
+            owner.master
             for port, _, candidate, _ in seen
-            if candidate and (link := links.get(port)) is not None and link.master is not None
+            if candidate and (owner := links.get(port)) is not None and owner.master is not None
         }
         for m in masters:
             name = _winner(links, local, seen, m, mac)
@@ -483,7 +483,8 @@ class _Edit:
                 if self._count_mac(mac, delta)
             ]
             for mac in flipped:
-                self.refresh_everywhere(mac)
+                if mac is not None:
+                    self.refresh_everywhere(mac)
         if old is None or old_master != link.master or old.name != link.name:
             # Sightings on this port move bridge and/or carry the new name.
             for mac in self.by_port.get(i, _EMPTY_PMAP):
@@ -586,6 +587,8 @@ class _Ports(Mapping[str, Port]):
         return Port(link.name, link.index, link.up)
 
     def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
         return any(i in self._indexes for i in self._names.get(name, ()))
 
     def __iter__(self) -> Iterator[str]:

@@ -123,10 +123,10 @@ class Plan:
             out.append(f"dhcp: remove reservation {mac}")
         for mac, h in sorted(self.hosts_put.items()):
             out.append(f"dhcp: reserve {mac} -> {h.address} {h.hostname}.{h.tag}")
-        for key in sorted(self.peers_del):
-            out.append(f"hub: remove peer {key}")
-        for key, p in sorted(self.peers_put.items()):
-            out.append(f"hub: peer {key} allowed {', '.join(p.allowed_ips)}")
+        for peer in sorted(self.peers_del):
+            out.append(f"hub: remove peer {peer}")
+        for peer, p in sorted(self.peers_put.items()):
+            out.append(f"hub: peer {peer} allowed {', '.join(p.allowed_ips)}")
         return out
 
     def to_json(self) -> dict:

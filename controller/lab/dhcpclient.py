@@ -138,7 +138,7 @@ def parse_lease(text: str, written: float = 0.0) -> Lease:
     return Lease(
         ip=raw["ip"],
         prefix=int(raw.get("mask") or 32),
-        router=(raw["router"].split() or [None])[0] if opt("router") else None,
+        router=(raw["router"].split() or [""])[0] or None if opt("router") else None,
         hostname=opt("hostname"),
         domain=opt("domain"),
         serverid=opt("serverid"),

@@ -565,9 +565,9 @@ def dhcp_replies(frames: Iterable[Frame]) -> list[dict[str, Any]]:
         opts = (
             {o[0]: o[1] for o in pkt[DHCP].options if isinstance(o, tuple)} if DHCP in pkt else {}
         )
-        kind = {1: "discover", 2: "offer", 3: "request", 4: "decline", 5: "ack", 6: "nak"}.get(
-            opts.get("message-type"), str(opts.get("message-type"))
-        )
+        code = opts.get("message-type")
+        names = {1: "discover", 2: "offer", 3: "request", 4: "decline", 5: "ack", 6: "nak"}
+        kind = names.get(code, str(code)) if isinstance(code, int) else str(code)
         host = opts.get("hostname")
         out.append(
             {

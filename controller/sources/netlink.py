@@ -447,9 +447,9 @@ class NetlinkSource:
                     for mtype, _flags, _seq, pid, offset, length in iter_messages(data):
                         if pid == self._portid:
                             continue  # a late reply to an earlier dump, not an event
-                        event = parse_event(mtype, data, offset, length)
-                        if event is not None:
-                            await send.send(event)
+                        parsed = parse_event(mtype, data, offset, length)
+                        if parsed is not None:
+                            await send.send(parsed)
         finally:
             self._wait_scope = None
             self._running = False

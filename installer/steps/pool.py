@@ -141,7 +141,7 @@ def steps(cfg: Config) -> list[Step]:
     b.run("mount", "zfs", "mount", be, skip_if=zfs_mounted(be))
     out.append(b.build())
 
-    datasets = []
+    datasets: list[tuple[str, tuple[str, ...]]] = []
     if cfg.datasets.home:
         datasets.append((f"{pool}/home", ("-o", "mountpoint=/home")))
     vm = cfg.datasets.vm
@@ -152,12 +152,12 @@ def steps(cfg: Config) -> list[Step]:
         datasets.append((f"{pool}/{vm.name}", tuple(props)))
     if datasets or cfg.swap.mode == "zvol":
         b = StepBuilder(cfg, "pool.datasets", "create the datasets")
-        for name, props in datasets:
+        for name, options in datasets:
             b.run(
                 f"create-{name.split('/')[-1]}",
                 "zfs",
                 "create",
-                *props,
+                *options,
                 name,
                 skip_if=zfs_exists(name),
             )

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from installer import config, files
-from installer.ops import CopyFile, MakeDir, Run, Symlink, WriteFile, WriteSecret
+from installer.ops import CopyFile, Fetch, MakeDir, Run, Symlink, WriteFile, WriteSecret
 from installer.paths import is_inside
 from installer.plan import build_plan
 from installer.render import plan_json, plan_text
@@ -229,7 +229,7 @@ def test_bare_plan_skips_what_is_off() -> None:
     assert not {"sshd", "firewall", "boot.zfsbootmenu", "final.export", "pool.mount"} & ids
     cmds = _commands(plan)
     assert not any(c[0] == "efibootmgr" for c in cmds)
-    fetches = [op for _, op in plan.ops() if op.kind == "fetch"]
+    fetches = [op for _, op in plan.ops() if isinstance(op, Fetch)]
     assert [op.url for op in fetches][:1] == [cfg.gentoo.stage3.url]
 
 

@@ -134,7 +134,8 @@ def test_every_kind_of_tampering_is_repaired_by_the_next_resync(make_lab: Any) -
         assert vm.probe(lab, 1, vm.echo_url(), timeout=3).ok, f"no egress after: {what}"
     # and everything works as before
     assert vm.whoami(lab, 1) == "198.51.100.3"
-    assert dhcpclient.renew(lab, 1).ip == status_address(lab, mac1)
+    renewed = dhcpclient.renew(lab, 1)
+    assert renewed is not None and renewed.ip == status_address(lab, mac1)
 
 
 def status_address(lab: Lab, mac: str) -> str:

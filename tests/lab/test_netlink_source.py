@@ -390,7 +390,7 @@ def test_constants_match_pyroute2() -> None:
     from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
     from pyroute2.netlink.rtnl.ndmsg import ndmsg
 
-    def nla_id(cls: type, name: str) -> int:
+    def nla_id(cls: Any, name: str) -> int:
         return next(i for i, entry in enumerate(cls.nla_map) if entry[0] == name)
 
     assert nla_id(ifinfmsg, "IFLA_ADDRESS") == netlink.IFLA_ADDRESS

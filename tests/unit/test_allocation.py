@@ -123,4 +123,4 @@ def test_addresses_look_arbitrary_but_are_reproducible() -> None:
     ]
     assert a == b
     assert len(set(a)) == 5
-    assert a != sorted(a)
+    assert a != sorted(a, key=str)

@@ -7,6 +7,7 @@ kernel's."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 
@@ -325,7 +326,7 @@ def test_replies_and_related_errors(fake: FakeDataPlane) -> None:
     # a new connection from the internet goes nowhere
     assert not fake.verdict(Packet("wg0", src="203.0.113.10", dst=IP[1], dport=7)).passes
     # an ICMP error about vm1's flow to vm3: from vm3 (an endpoint) only
-    quoted = {"proto": "icmp", "icmp_type": "destination-unreachable", "icmp_code": 3,
+    quoted: dict[str, Any] = {"proto": "icmp", "icmp_type": "destination-unreachable", "icmp_code": 3,
               "ct": "related", "ct_original": (IP[1], IP[3])}  # fmt: skip
     assert fake.verdict(frame(3, MAC[1], dst=IP[1], **quoted)).delivered == {PORT[1]}
     forged = fake.verdict(frame(4, dst=IP[1], **quoted))  # y's vm4, routed

@@ -186,7 +186,7 @@ def test_replayed_event_does_not_evict_on_new_bridge() -> None:
     # source subscribed before the second step, so it replays steps 2-3 on top.
     dump = start(Fdb(VM1, 12, False, BR1), links=[*base_links()[:3],
                  link(10, "vnet0", master=BR1), *base_links()[4:]])  # fmt: skip
-    backlog = [
+    backlog: list[Event] = [
         FdbUp(Fdb(VM1, 10, False, BR)),
         FdbGone(VM1, 10),
         LinkUp(link(10, "vnet0", master=BR1)),

@@ -71,7 +71,7 @@ for i in range(start, start + 100000):
 
 def test_sigkill_at_any_moment_never_loses_or_duplicates(tmp_path: Path) -> None:
     rng = random.Random(7)
-    committed: dict[str, tuple[int, str]] = {}
+    committed: dict[str, tuple[int, str | None]] = {}
     for _round in range(6):
         p = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(tmp_path)],

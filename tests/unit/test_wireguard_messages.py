@@ -1049,9 +1049,9 @@ def test_kernel_dump_of_a_large_device_is_merged_completely() -> None:
     assert len(dump) > 50
     # the big peer is cut: it opens a message again with only its key and allowed-ips
     cut = 0
-    for raw in dump[1:-1]:
-        (m,) = nl.iter_messages(raw)
-        a = _peer_attrs(nl.genl_attrs(m))
+    for chunk in dump[1:-1]:
+        (message,) = nl.iter_messages(chunk)
+        a = _peer_attrs(nl.genl_attrs(message))
         assert kernel.WGDEVICE_A_LISTEN_PORT not in a  # device attributes: first message only
         first = _peer_attrs(next(nl.iter_attrs(a[kernel.WGDEVICE_A_PEERS][0]))[1])
         if set(first) == {kernel.WGPEER_A_PUBLIC_KEY, kernel.WGPEER_A_ALLOWEDIPS}:
@@ -1073,9 +1073,9 @@ def test_kernel_dump_interrupted_is_flagged() -> None:
     ):
         fake.apply(m)
     parser = kernel.DumpParser("wg0", FAMILY)
-    for raw in fake.dump(1024, intr_at=2):
-        for m in nl.iter_messages(raw):
-            parser.feed(m)
+    for chunk in fake.dump(1024, intr_at=2):
+        for message in nl.iter_messages(chunk):
+            parser.feed(message)
     assert parser.done and parser.interrupted
 
 

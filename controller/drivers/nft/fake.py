@@ -1096,7 +1096,7 @@ class FakeDataPlane:
             if base not in ("ll", "nh", "th"):
                 raise UnknownExpression(f"payload base {base!r}")
             return _bits(getattr(w, base), offset, length), f"integer/{length}"
-        spec = _FIELDS.get((p.get("protocol"), p.get("field")))
+        spec = _FIELDS.get((str(p.get("protocol")), str(p.get("field"))))
         if spec is None:
             raise UnknownExpression(f"payload {p.get('protocol')} {p.get('field')}")
         base, offset, length, kind, dep = spec

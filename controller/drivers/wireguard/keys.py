@@ -128,7 +128,7 @@ class PrivateKey:
     def __hash__(self) -> int:
         return hash(self._public)
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str | tuple[object, ...]:
         raise TypeError("PrivateKey is not picklable: secrets stay in this process")
 
 
