@@ -236,8 +236,12 @@ def decide_many(
     states: dict[str, MachineState | None] = {}
     touched: dict[str, None] = {}
     needed: set[str] = set()
-    for mac in decide_order(ledger, macs):
+    order = decide_order(ledger, macs)
+    decided: set[str] = set()
+    while order:
+        mac = order.pop(0)
         out = decide(policy, inventory, ledger, mac, now, keys.get, leased)
+        decided.add(mac)
         outcomes[mac] = out
         states[mac] = out.state
         for a in out.put:
@@ -245,6 +249,11 @@ def decide_many(
         for r in out.released:
             touched[r.mac] = None
             states[r.mac] = None  # released, possibly after it was decided
+            if r.mac in decided and r.mac in macs and r.mac in inventory.sightings:
+                # its identity went to another MAC after it was decided: it
+                # is a newcomer now (elsewhere, say), decided again in this pass
+                decided.discard(r.mac)
+                order.append(r.mac)
         held = ledger.get(mac)
         if (
             out.state is not None

@@ -207,7 +207,7 @@ def port_of(m: MachineState) -> str:
 def label_of(policy: Policy, a: Allocation) -> str:
     if a.rule == QUARANTINE:
         return policy.quarantine.template.render(a.slot)
-    rule = next((r for r in policy.rules if r.name == a.rule), None)
+    rule = policy.rule(a.rule)
     return rule.template.render(a.slot) if rule else f"{a.rule}{a.slot}"
 
 

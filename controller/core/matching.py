@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 from controller.policy.macs import parse_mac
 from controller.policy.model import Policy, Rule
+
+_mac = functools.lru_cache(maxsize=1 << 16)(parse_mac)
 
 
 def match_rule(policy: Policy, mac: str, bridge: str, port: str) -> Rule | None:
     """The first rule matching, or None (the machine is quarantined)."""
-    value = parse_mac(mac)
+    value = _mac(mac)
     for rule in policy.rules:
         if rule.match.matches(value, bridge, port):
             return rule

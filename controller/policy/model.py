@@ -136,6 +136,10 @@ class Limits:
     unknown_frames_per_second: int = 10  # frames per port from MACs not admitted (learning)
 
 
+# id(policy) -> (policy, rules by name): a frozen policy's index, built once
+_RULE_INDEX: dict[int, tuple[Policy, dict[str, Rule]]] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     source: str  # file it came from
@@ -154,6 +158,16 @@ class Policy:
     host: Host = field(default_factory=Host)
     max_machines_per_port: int = 1  # port security: a libvirt NIC has one MAC
     limits: Limits = field(default_factory=Limits)
+
+    def rule(self, name: str) -> Rule | None:
+        """The rule of that name (a decision asks this for every machine)."""
+        index = _RULE_INDEX.get(id(self))
+        if index is None or index[0] is not self:
+            if len(_RULE_INDEX) > 8:
+                _RULE_INDEX.clear()
+            index = (self, {r.name: r for r in self.rules})
+            _RULE_INDEX[id(self)] = index
+        return index[1].get(name)
 
     def port_limit(self, rule: Rule | None) -> int:
         if rule is not None and rule.max_per_port is not None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from controller.core import inventory as inv
 from controller.core.allocation import Ledger
-from controller.core.decide import decide, decide_order, presence
+from controller.core.decide import decide, decide_many, presence
 from controller.policy.load import parse_policy
 
 POLICY_TEXT = """
@@ -57,7 +57,9 @@ class World:
 
     def __init__(self, ports: int = 4, **kw: str) -> None:
         self.policy = policy(**kw)
-        self.tables = inv.fold(inv.EMPTY, inv.Snapshot((BRIDGE, *map(port, range(1, ports + 1))), ()))
+        self.tables = inv.fold(
+            inv.EMPTY, inv.Snapshot((BRIDGE, *map(port, range(1, ports + 1))), ())
+        )
         self.ledger = Ledger()
         self.now = 1000
 
@@ -81,9 +83,17 @@ class World:
         return decide(self.policy, i, self.ledger, mac, self.now, leased=leased)
 
     def sync(self) -> None:
+        """A full sync's decisions: the controller's one loop."""
         i = inv.inventory(self.tables, "virbr0")
-        for mac in decide_order(self.ledger, set(i.sightings) | set(self.ledger.by_mac)):
-            decide(self.policy, i, self.ledger, mac, self.now)
+        decide_many(
+            self.policy,
+            i,
+            self.ledger,
+            set(i.sightings) | set(self.ledger.by_mac),
+            self.now,
+            {},
+            {},
+        )
 
 
 VM1 = "52:54:00:d0:00:01"  # odd -> x

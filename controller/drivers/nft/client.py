@@ -144,7 +144,7 @@ class Nft:
         """Record, in each table, the fingerprint of what the kernel now lists."""
         lines = []
         for family, table in tables:
-            objs = self._list(family, table)
+            objs = self._list(family, table, terse=True)
             if objs is None:
                 raise NftError(f"table {family} {table} is gone right after it was written")
             lines.append(f"add chain {family} {table} {STAMP}{fingerprint(objs)}")
@@ -154,8 +154,16 @@ class Nft:
         """Element changes only, in one transaction (all or nothing)."""
         self._run(element_commands(plan))
 
-    def _list(self, family: str, table: str) -> list[dict] | None:
-        rc, out, _err = self.ctx.cmd(f"list table {family} {table}")
+    def _list(self, family: str, table: str, *, terse: bool = False) -> list[dict] | None:
+        """A table's listing; `terse`: without set elements (10,000 of them
+        cost a second to list and parse)."""
+        if terse:
+            self.ctx.set_terse_output(True)
+        try:
+            rc, out, _err = self.ctx.cmd(f"list table {family} {table}")
+        finally:
+            if terse:
+                self.ctx.set_terse_output(False)
         if rc != 0:
             return None
         return list(json.loads(out)["nftables"])
