@@ -1,9 +1,12 @@
 """Suite-wide guard: the root network namespace is exactly as before.
 
 Lab tests build everything in namespaces of their own; this checks, once for
-the whole session, that nothing leaked into the root namespace: no lab
-namespace left behind, and routes, rules, links, addresses and nftables
-unchanged."""
+the whole session, that nothing leaked into the root namespace: none of the
+namespaces the suite created is left behind (each creation is noted in a
+registry file, `controller.lab.netns.REGISTRY`, which child processes
+inherit), and routes, rules, links, addresses and nftables are unchanged.
+Namespaces that other processes on the machine create or delete meanwhile are
+none of the suite's business and are not compared."""
 
 from __future__ import annotations
 
@@ -30,7 +33,6 @@ def _root_state() -> dict[str, object]:
         )
 
     state: dict[str, object] = {
-        "netns": sorted(out(["ip", "netns", "list"]).split("\n")),
         "route4": out(["ip", "-4", "route", "show", "table", "all"]),
         "route6": out(["ip", "-6", "route", "show", "table", "all"]),
         "rule4": out(["ip", "-4", "rule"]),
@@ -44,15 +46,28 @@ def _root_state() -> dict[str, object]:
     return state
 
 
+def _namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+
+
 @pytest.fixture(scope="session", autouse=True)
-def root_namespace_unchanged() -> Iterator[None]:
+def root_namespace_unchanged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    from controller.lab.netns import REGISTRY
+
     if os.geteuid() != 0:
         yield
         return
+    registry = tmp_path_factory.mktemp("netns") / "created.txt"
+    registry.touch()
+    os.environ[REGISTRY] = str(registry)
     before = _root_state()
     yield
     after = _root_state()
+    os.environ.pop(REGISTRY, None)
+    left = sorted(set(registry.read_text().split()) & _namespaces())
     changed = [k for k in before if before[k] != after[k]]
+    assert not left, f"the test suite left namespaces behind: {', '.join(left)}"
     assert not changed, f"the test suite changed the root namespace: {changed}"
 
 

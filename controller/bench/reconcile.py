@@ -339,7 +339,9 @@ def bench_command(args: argparse.Namespace) -> int:
         print(json.dumps(run_inside(args)))
         return 0
     ns = f"dom0bench-{os.getpid()}-{secrets.token_hex(2)}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
+    from controller.lab import netns
+
+    netns.create([ns])
     try:
         child = subprocess.run(
             [

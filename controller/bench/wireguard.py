@@ -74,8 +74,9 @@ def peers_and_first_packet(sizes: list[int], runs: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="dom0-wgbench-"))
     workers: list[Worker] = []
     try:
-        for ns in (hub_ns, cli_ns):
-            _ns("netns", "add", ns)
+        from controller.lab import netns
+
+        netns.create([hub_ns, cli_ns])
         _ns(
             "link",
             "add",

@@ -88,7 +88,18 @@ def ip_batch(lines: Iterable[str], ns: str | None = None, *, force: bool = False
         raise NetnsError(f"ip -batch{where}: {proc.stderr.strip() or 'failed'}")
 
 
+REGISTRY = "DOM0_NETNS_REGISTRY"
+
+
 def create(names: Iterable[str]) -> None:
+    """Create namespaces; under the test suite each name is also noted in the
+    file $DOM0_NETNS_REGISTRY, so that the suite checks that exactly these
+    are gone at its end (and nobody else's namespaces)."""
+    names = list(names)
+    registry = os.environ.get(REGISTRY)
+    if registry:
+        with open(registry, "a") as f:
+            f.writelines(f"{n}\n" for n in names)
     ip_batch(f"netns add {n}" for n in names)
 
 

@@ -93,7 +93,9 @@ def make_netns() -> Iterator[Callable[[str], str]]:
 
     def make(tag: str = "ns") -> str:
         name = f"{tag}{os.getpid()}{secrets.token_hex(3)}"
-        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+        from controller.lab import netns
+
+        netns.create([name])
         created.append(name)
         return name
 
