@@ -13,13 +13,13 @@ import ipaddress
 import os
 import posixpath
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.toml import REQUIRED, Checker, join, kind
 from installer import profiles
-from installer.errors import ConfigError, Problem
+from installer.errors import ConfigError
 from installer.takeover import readable, ssh_handover_problem
 
 GIB = 1024**3
@@ -236,69 +236,47 @@ class Config:
 
 # ---------------------------------------------------------------- reading
 
-_MISSING: Any = object()
-_TYPE_NAMES = {
-    str: "a string",
-    bool: "true or false",
-    int: "an integer",
-    list: "an array",
-    dict: "a table",
-    float: "a number",
-}
 
+class _Reader(Checker):
+    """install.toml's own wording (its tests and operators' scripts know it)."""
 
-def _type_name(value: object) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return type(value).__name__
+    error = ConfigError
+    whole_file = ""
+    unreadable = "cannot read the config: {reason}"
+    not_utf8 = "not UTF-8 text ({reason})"
+    bad_syntax = "invalid TOML: {message}"
+
+    def mistyped(self, value: object, expected: str) -> str:
+        return f"expected {expected}, got {kind(value)}"
 
 
 class _Table:
-    """One TOML table being read; collects problems instead of raising."""
+    """One TOML table being read: its keys are checked as they are asked for,
+    and `done` reports the ones nobody asked for."""
 
-    def __init__(self, data: Mapping[str, Any], path: str, problems: list[Problem]) -> None:
+    def __init__(self, data: Mapping[str, Any], path: str, checker: Checker) -> None:
         self.data = data
         self.path = path
-        self.problems = problems
+        self.checker = checker
         self.seen: set[str] = set()
 
     def where(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
+        return join(self.path, key)
 
     def problem(self, key: str, message: str) -> None:
-        self.problems.append(Problem(self.where(key) if key else self.path, message))
+        self.checker.bad(self.where(key) if key else self.path, message)
 
     def has(self, key: str) -> bool:
         return key in self.data
 
-    def _get(self, key: str, kind: type, default: Any) -> Any:
+    def _get(self, key: str, t: type, default: Any) -> Any:
         self.seen.add(key)
-        if key not in self.data:
-            if default is _MISSING:
-                self.problem(key, f"missing, expected {_TYPE_NAMES[kind]}")
-                return None
-            return default
-        value = self.data[key]
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if not ok:
-            self.problem(key, f"expected {_TYPE_NAMES[kind]}, got {_type_name(value)}")
-            return None if default is _MISSING else default
-        return value
+        return self.checker.get(self.data, key, self.path, t, default)
 
     def str(
         self,
         key: str,
-        default: Any = _MISSING,
+        default: Any = REQUIRED,
         *,
         choices: tuple[str, ...] | None = None,
         pattern: re.Pattern[str] | None = None,
@@ -309,20 +287,20 @@ class _Table:
             return value
         if choices is not None and value not in choices:
             self.problem(key, f"{value!r} is not allowed, expected one of: {', '.join(choices)}")
-            return default if default is not _MISSING else None
+            return default if default is not REQUIRED else None
         if pattern is not None and not pattern.fullmatch(value):
             self.problem(key, f"{value!r} is not valid, expected {expected}")
-            return default if default is not _MISSING else None
+            return default if default is not REQUIRED else None
         return value
 
-    def bool(self, key: str, default: Any = _MISSING) -> Any:
+    def bool(self, key: str, default: Any = REQUIRED) -> Any:
         return self._get(key, bool, default)
 
-    def int(self, key: str, default: Any = _MISSING, *, lo: int, hi: int) -> Any:
+    def int(self, key: str, default: Any = REQUIRED, *, lo: int, hi: int) -> Any:
         value = self._get(key, int, default)
         if isinstance(value, int) and key in self.data and not lo <= value <= hi:
             self.problem(key, f"{value} is out of range, expected {lo}..{hi}")
-            return default if default is not _MISSING else None
+            return default if default is not REQUIRED else None
         return value
 
     def size(self, key: str, default: int, *, minimum: int) -> int:
@@ -339,37 +317,34 @@ class _Table:
             return default
         return parsed
 
-    def strs(self, key: str, default: Any = _MISSING) -> Any:
+    def strs(self, key: str, default: Any = REQUIRED) -> Any:
         value = self._get(key, list, default)
         if value is None:
-            return None if default is _MISSING else default
+            return None if default is REQUIRED else default
         out = []
         for i, item in enumerate(value):
             if not isinstance(item, str):
-                self.problem(f"{key}[{i}]", f"expected a string, got {_type_name(item)}")
+                self.problem(f"{key}[{i}]", self.checker.mistyped(item, "a string"))
             else:
                 out.append(item)
         return tuple(out)
 
     def table(self, key: str) -> _Table:
         value = self._get(key, dict, {})
-        return _Table(value if isinstance(value, dict) else {}, self.where(key), self.problems)
+        return _Table(value if isinstance(value, dict) else {}, self.where(key), self.checker)
 
     def tables(self, key: str) -> list[_Table]:
         value = self._get(key, list, [])
         out = []
         for i, item in enumerate(value or []):
             if not isinstance(item, dict):
-                self.problem(f"{key}[{i}]", f"expected a table, got {_type_name(item)}")
+                self.problem(f"{key}[{i}]", self.checker.mistyped(item, "a table"))
                 continue
-            out.append(_Table(item, f"{self.where(key)}[{i}]", self.problems))
+            out.append(_Table(item, f"{self.where(key)}[{i}]", self.checker))
         return out
 
     def done(self) -> None:
-        for key in self.data:
-            if key not in self.seen:
-                known = ", ".join(sorted(self.seen)) or "none"
-                self.problem(key, f"unknown key, expected one of: {known}")
+        self.checker.unknown_keys(self.data, self.path, sorted(self.seen))
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -490,38 +465,20 @@ def _check_system_path(t: _Table, key: str, value: str | None) -> None:
 
 def load(path: str) -> Config:
     """Read and parse a config file; ConfigError on any problem, incl. TOML syntax."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ConfigError(path, [Problem("", f"cannot read the config: {e.strerror}")]) from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(path, [Problem("", f"not UTF-8 text ({e.reason})")]) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(path, [Problem("", _toml_message(str(e)))]) from None
+    data = _Reader(path).read_file(path)
     base = os.path.dirname(os.path.abspath(path))
     return parse(data, source=path, base_dir=base)
 
 
-_AT_LINE = re.compile(r"^(?P<msg>.*?)\s*\(at line (?P<line>\d+), column (?P<col>\d+)\)$")
-
-
-def _toml_message(text: str) -> str:
-    m = _AT_LINE.match(text)
-    if m:
-        return f"line {m['line']}, column {m['col']}: invalid TOML: {m['msg']}"
-    return f"invalid TOML: {text}"
-
-
 def parse(data: Mapping[str, Any], *, source: str = "install.toml", base_dir: str = "/") -> Config:
-    problems: list[Problem] = []
-    top = _Table(data, "", problems)
+    checker = _Reader(source)
+    top = _Table(data, "", checker)
     out = _Parser(top, base_dir).run()
     top.done()
-    if problems or out is None:
-        raise ConfigError(source, problems or [Problem("", "invalid config")])
+    if checker.problems or out is None:
+        if not checker.problems:
+            checker.bad("", "invalid config")
+        checker.fail()
     return Config(source=source, **out)
 
 
@@ -900,7 +857,7 @@ class _Parser:
 
     def firewall(self, t: _Table) -> Firewall:
         enabled = t.bool("enabled", True)
-        sources = t.strs("ssh_sources", _MISSING if enabled else ())
+        sources = t.strs("ssh_sources", REQUIRED if enabled else ())
         clean = []
         for i, s in enumerate(sources or ()):
             try:
@@ -957,16 +914,14 @@ class _Parser:
     # -- rules spanning sections
 
     def cross_checks(self, p: dict[str, Any]) -> None:
-        problems = self.top.problems
+        bad = self.top.checker.bad
         sshd: Sshd = p["sshd"]
         users: tuple[User, ...] = p["users"]
         if sshd.enabled and not any(u.ssh_keys for u in users):
-            problems.append(
-                Problem(
-                    "users",
-                    "sshd is key-only but no user has ssh_keys, expected at least one "
-                    "[[users]] with ssh_keys (or sshd.enabled = false)",
-                )
+            bad(
+                "users",
+                "sshd is key-only but no user has ssh_keys, expected at least one "
+                "[[users]] with ssh_keys (or sshd.enabled = false)",
             )
         dom0_cfg = p.get("dom0")
         firewall = p.get("firewall")
@@ -977,7 +932,7 @@ class _Parser:
             if text is not None:
                 why = ssh_handover_problem(text, dom0_cfg.policy, firewall.ssh_sources, sshd.port)
                 if why:
-                    problems.append(Problem("dom0.policy", why))
+                    bad("dom0.policy", why)
         vm: VmDataset = p["datasets"].vm
         if vm.enabled and p["datasets"].home and vm.mountpoint == "/home":
-            problems.append(Problem("datasets.vm.mountpoint", "collides with the home dataset"))
+            bad("datasets.vm.mountpoint", "collides with the home dataset")

@@ -6,36 +6,22 @@ A failure while applying is one `InstallError`, exit code 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from common.toml import Problem, Problems
+
+__all__ = ["EXIT_FAIL", "EXIT_OK", "EXIT_USAGE", "ConfigError", "InstallError", "Problem",
+           "UsageError"]  # fmt: skip
 
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with the input: where, and what is expected instead."""
-
-    field: str
-    message: str
-
-    def line(self, source: str) -> str:
-        if self.field:
-            return f"{source}: {self.field}: {self.message}"
-        return f"{source}: {self.message}"
-
-
-class ConfigError(Exception):
+class ConfigError(Problems):
     """The config file cannot be used; `problems` says why, one per line."""
 
-    def __init__(self, source: str, problems: list[Problem]) -> None:
-        super().__init__(f"{source}: {len(problems)} problem(s)")
-        self.source = source
-        self.problems = problems
-
-    def lines(self) -> list[str]:
-        return [p.line(self.source) for p in self.problems]
+    @property
+    def source(self) -> str:
+        return self.problems[0].file if self.problems else ""
 
 
 class InstallError(Exception):

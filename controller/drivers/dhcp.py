@@ -26,19 +26,19 @@ copied from another machine finds nothing of that machine's.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
+import functools
 import logging
 import os
 import re
 import shutil
-import signal
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
 import trio
 
+from common import processes
+from common.processes import ProcessRecord
 from controller.core.desired import DhcpConfig, DhcpHost
 
 log = logging.getLogger(__name__)
@@ -188,14 +188,6 @@ class HostsDir:
         self._known[name] = (st.st_ino, st.st_mtime_ns, host)
 
 
-def _start_time(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22: starttime
-
-
 class Dnsmasq:
     """Supervises one dnsmasq for the current DhcpConfig."""
 
@@ -215,27 +207,25 @@ class Dnsmasq:
         assert self.config is not None
         return dnsmasq_argv(self.config, self.state_dir, self.binary)
 
-    def _digest(self, argv: list[str]) -> str:
-        return hashlib.sha256("\0".join(argv).encode()).hexdigest()
-
-    def _recorded(self) -> tuple[int, str, str] | None:
-        try:
-            r = json.loads(self.record.read_text())
-            return int(r["pid"]), str(r["start"]), str(r["argv"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+    def _running(self) -> ProcessRecord | None:
+        """The recorded dnsmasq if it still runs (a zombie does not: it is reaped
+        if it was our child)."""
+        rec = processes.read_record(self.record)
+        if rec is None or processes.is_running(rec):
+            return rec
+        processes.reap(rec.pid)
+        return None
 
     def alive(self) -> bool:
-        rec = self._recorded()
-        return rec is not None and _start_time(rec[0]) == rec[1]
+        return self._running() is not None
 
     def observe(self, config: DhcpConfig | None) -> DhcpConfig | None:
         """`config` if the recorded dnsmasq is alive and runs exactly it."""
-        rec = self._recorded()
-        if config is None or rec is None or _start_time(rec[0]) != rec[1]:
+        rec = self._running()
+        if config is None or rec is None:
             return None
         argv = dnsmasq_argv(config, self.state_dir, self.binary)
-        return config if rec[2] == self._digest(argv) else None
+        return config if rec.argv == processes.command_digest(argv) else None
 
     def configure(self, config: DhcpConfig) -> None:
         """Ask the supervisor to run dnsmasq with `config` (restart if needed)."""
@@ -247,47 +237,38 @@ class Dnsmasq:
         """Keep dnsmasq running with the latest config, forever. Leaves it
         running on cancellation: the data plane outlives the controller."""
         started = False
-        proc: trio.Process | None = None  # set when dnsmasq is our own child
         while True:
             while self.config is None:
                 await self._changed.wait()
                 self._changed = trio.Event()
             self._changed = trio.Event()
             argv = self._argv()
-            digest = self._digest(argv)
-            rec = self._recorded()
-            running = rec is not None and _start_time(rec[0]) == rec[1]
-            if rec and running and rec[2] == digest:
-                pid = rec[0]
-                if proc is None or proc.pid != pid:
-                    proc = None
-                    log.info("dhcp: adopted running dnsmasq pid %d", pid)
+            digest = processes.command_digest(argv)
+            running = self._running()
+            if running is not None and running.argv == digest:
+                rec = running
+                if processes.child(rec.pid) is None:
+                    log.info("dhcp: adopted running dnsmasq pid %d", rec.pid)
             else:
-                if rec and running:
-                    log.info("dhcp: stopping dnsmasq pid %d (configuration changed)", rec[0])
-                    await _stop(rec[0], proc if proc and proc.pid == rec[0] else None)
+                if running is not None:
+                    log.info("dhcp: stopping dnsmasq pid %d (configuration changed)", running.pid)
+                    await trio.to_thread.run_sync(
+                        functools.partial(processes.stop, [running], 5.0, kill_wait=5.0)
+                    )
                 swept = self.hosts.sweep()  # no dnsmasq runs now: tombstones can go
                 if swept:
                     log.info("dhcp: swept %d tombstones of removed reservations", swept)
-                proc = await trio.lowlevel.open_process(
-                    argv,
-                    start_new_session=True,  # not in the controller's process group
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                pid = proc.pid
-                tmp = self.record.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"pid": pid, "start": _start_time(pid), "argv": digest}))
-                os.replace(tmp, self.record)
-                log.info("dhcp: started dnsmasq pid %d", pid)
+                _, started_rec = await trio.to_thread.run_sync(processes.spawn, argv)
+                rec = dataclasses.replace(started_rec, argv=digest)
+                processes.write_record(self.record, rec)
+                log.info("dhcp: started dnsmasq pid %d", rec.pid)
+            pid = rec.pid
             self.pid = pid
             if not started:
                 started = True
                 task_status.started()
-            if await self._wait_exit_or_change(pid, proc):
+            if await self._wait_exit_or_change(rec):
                 self.restarts += 1
-                proc = None
                 log.error(
                     "dhcp: dnsmasq pid %d exited; restarting in 1 s (see %s)",
                     pid,
@@ -295,14 +276,14 @@ class Dnsmasq:
                 )
                 await trio.sleep(1)
 
-    async def _wait_exit_or_change(self, pid: int, proc: trio.Process | None) -> bool:
+    async def _wait_exit_or_change(self, rec: ProcessRecord) -> bool:
         """True when dnsmasq exited, False when the wanted config changed."""
         exited = False
         async with trio.open_nursery() as nursery:
 
             async def watch_exit() -> None:
                 nonlocal exited
-                await _wait_exit(pid, proc)
+                await processes.wait_exit_async(rec)
                 exited = True
                 nursery.cancel_scope.cancel()
 
@@ -313,26 +294,3 @@ class Dnsmasq:
             nursery.start_soon(watch_exit)
             nursery.start_soon(watch_change)
         return exited
-
-
-async def _wait_exit(pid: int, proc: trio.Process | None) -> None:
-    if proc is not None:  # our child: wait() also reaps it
-        await proc.wait()
-        return
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        await trio.lowlevel.wait_readable(fd)
-    finally:
-        os.close(fd)
-
-
-async def _stop(pid: int, proc: trio.Process | None) -> None:
-    os.kill(pid, signal.SIGTERM)
-    with trio.move_on_after(5):
-        await _wait_exit(pid, proc)
-        return
-    os.kill(pid, signal.SIGKILL)
-    await _wait_exit(pid, proc)

@@ -13,12 +13,9 @@ import contextlib
 import fnmatch
 import ipaddress
 import re
-import tomllib
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from common.toml import Checker, Problem, Problems
 from controller.policy import macs
 from controller.policy.model import (
     QUARANTINE,
@@ -43,30 +40,17 @@ _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-@dataclass(frozen=True, slots=True)
-class Problem:
-    file: str
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}: {self.path}: {self.message}"
+__all__ = ["PolicyError", "Problem", "load_or_report", "load_policy", "parse_policy"]
 
 
-class PolicyError(Exception):
-    def __init__(self, problems: list[Problem]) -> None:
-        super().__init__("\n".join(map(str, problems)))
-        self.problems = problems
+class PolicyError(Problems):
+    """A policy file that cannot be used; `problems` says why, one per line."""
 
 
 def load_policy(path: str | Path) -> Policy:
     """Read and validate one file; raise PolicyError with every problem."""
-    name = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise PolicyError([Problem(name, "file", f"cannot read it ({e.strerror})")]) from None
-    return parse_policy(data, name)
+    v = _Validator(str(path))
+    return v.policy_of(v.read_file(path))
 
 
 def load_or_report(path: str | Path, prog: str) -> Policy | None:
@@ -84,30 +68,8 @@ def load_or_report(path: str | Path, prog: str) -> Policy | None:
 
 
 def parse_policy(data: bytes, name: str) -> Policy:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise PolicyError([Problem(name, "file", f"not UTF-8 at byte {e.start}")]) from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise PolicyError([_syntax_problem(name, e)]) from None
     v = _Validator(name)
-    policy = v.policy(raw)
-    if v.problems or policy is None:
-        raise PolicyError(v.problems)
-    return policy
-
-
-def _syntax_problem(name: str, e: tomllib.TOMLDecodeError) -> Problem:
-    msg = str(e)
-    where = re.search(r"\(at line (\d+), column (\d+)\)", msg)
-    text = re.sub(r"\s*\(at .*\)$", "", msg)
-    if where:
-        return Problem(
-            name, f"line {where[1]}, column {where[2]}", f"{text.lower()}, expected valid TOML"
-        )
-    return Problem(name, "file", f"{text.lower()}, expected valid TOML")
+    return v.policy_of(v.read_bytes(data))
 
 
 def parse_duration(value: object) -> int | None:
@@ -118,50 +80,16 @@ def parse_duration(value: object) -> int | None:
     return None
 
 
-class _Validator:
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.problems: list[Problem] = []
+class _Validator(Checker):
+    error = PolicyError
 
-    # -- helpers ---------------------------------------------------------------
-    def bad(self, path: str, message: str) -> None:
-        self.problems.append(Problem(self.file, path, message))
+    def policy_of(self, raw: dict) -> Policy:
+        policy = self.policy(raw)
+        if self.problems or policy is None:
+            self.fail()
+        return policy
 
-    def table(self, raw: dict, key: str, path: str, allowed: Iterable[str]) -> dict:
-        value = raw.get(key, {})
-        if not isinstance(value, dict):
-            self.bad(path, f"is a {_kind(value)}, expected a table [{path}]")
-            return {}
-        self.keys(value, path, allowed)
-        return value
-
-    def keys(self, value: dict, path: str, allowed: Iterable[str]) -> None:
-        allowed = list(allowed)
-        for key in value:
-            if key not in allowed:
-                self.bad(f"{path}.{key}", f"unknown key, expected one of: {', '.join(allowed)}")
-
-    def string(self, raw: dict, key: str, path: str, default: str | None = None) -> str | None:
-        value = raw.get(key, default)
-        if value is None or isinstance(value, str):
-            return value
-        self.bad(f"{path}.{key}", f"is a {_kind(value)}, expected a string")
-        return None
-
-    def boolean(self, raw: dict, key: str, path: str, default: bool) -> bool:
-        value = raw.get(key, default)
-        if isinstance(value, bool):
-            return value
-        self.bad(f"{path}.{key}", f"is a {_kind(value)}, expected true or false")
-        return default
-
-    def strings(self, raw: dict, key: str, path: str) -> list[str]:
-        value = raw.get(key, [])
-        if isinstance(value, list) and all(isinstance(x, str) for x in value):
-            return value
-        self.bad(f"{path}.{key}", f"is a {_kind(value)}, expected a list of strings")
-        return []
-
+    # -- helpers (the typed getters are Checker's) -------------------------------
     def duration(self, raw: dict, key: str, path: str, default: str, minimum: int) -> int:
         value = raw.get(key, default)
         seconds = parse_duration(value)
@@ -188,7 +116,7 @@ class _Validator:
 
     def network(self, value: object, path: str) -> ipaddress.IPv4Network | None:
         if not isinstance(value, str):
-            self.bad(path, f'is a {_kind(value)}, expected an IPv4 CIDR like "10.10.0.0/24"')
+            self.bad(path, self.mistyped(value, 'an IPv4 CIDR like "10.10.0.0/24"'))
             return None
         try:
             net = ipaddress.IPv4Network(value, strict=True)
@@ -232,7 +160,7 @@ class _Validator:
 
     # -- sections --------------------------------------------------------------
     def policy(self, raw: dict) -> Policy | None:
-        self.keys(
+        self.unknown_keys(
             raw,
             "policy",
             [
@@ -249,15 +177,13 @@ class _Validator:
                 "limits",
             ],
         )
-        site = self.table(raw, "site", "site", ["tld", "release_after"])
+        site = self.table(raw, "site", "", ["tld", "release_after"])
         tld = self.string(site, "tld", "site", "internal") or "internal"
         if not is_label(tld):
             self.bad("site.tld", f'{tld!r} is not a DNS label, expected e.g. "internal"')
         release_after = self.duration(site, "release_after", "site", "30d", 60)
 
-        bridge_t = self.table(
-            raw, "bridge", "bridge", ["name", "trusted_ports", "max_machines_per_port"]
-        )
+        bridge_t = self.table(raw, "bridge", "", ["name", "trusted_ports", "max_machines_per_port"])
         per_port = self.integer(bridge_t, "max_machines_per_port", "bridge", 1, 1, 4096)
         bridge = (
             self.ifname(self.string(bridge_t, "name", "bridge", "virbr0"), "bridge.name")
@@ -268,7 +194,7 @@ class _Validator:
             for i, p in enumerate(self.strings(bridge_t, "trusted_ports", "bridge"))
             if self.ifname(p, f"bridge.trusted_ports[{i + 1}]")
         )
-        wan_t = self.table(raw, "wan", "wan", ["interface", "allow"])
+        wan_t = self.table(raw, "wan", "", ["interface", "allow"])
         wan = self.ifname(self.string(wan_t, "interface", "wan"), "wan.interface")
         if wan is not None and wan == bridge:
             self.bad("wan.interface", f"{wan!r} is the managed bridge, expected the host's uplink")
@@ -283,7 +209,7 @@ class _Validator:
 
         host = self.host(raw)
         limits = self.limits(raw)
-        dhcp_t = self.table(raw, "dhcp", "dhcp", ["lease_time"])
+        dhcp_t = self.table(raw, "dhcp", "", ["lease_time"])
         lease = self.duration(dhcp_t, "lease_time", "dhcp", "1h", 120)
 
         domains = self.domains(raw, wan, hub is not None or "hub" in raw)
@@ -316,7 +242,7 @@ class _Validator:
             return None
         keys = ["interface", "endpoint", "public_key", "private_key_file", "addresses", "table",
                 "mtu", "persistent_keepalive"]  # fmt: skip
-        u = self.table(raw, "uplink", "uplink", keys)
+        u = self.table(raw, "uplink", "", keys)
         if not isinstance(raw["uplink"], dict):
             return None
         ok = len(self.problems)
@@ -384,7 +310,7 @@ class _Validator:
         h = self.table(
             raw,
             "hub",
-            "hub",
+            "",
             ["interface", "listen_port", "pool", "gateway", "private_key_file", "mtu"],
         )
         if not isinstance(raw["hub"], dict):
@@ -410,7 +336,7 @@ class _Validator:
         return Hub(iface, port, pool, gateway, key_file, mtu)
 
     def host(self, raw: dict) -> Host:
-        h = self.table(raw, "host", "host", ["ssh_from", "ssh_port", "ping", "dhcp_client"])
+        h = self.table(raw, "host", "", ["ssh_from", "ssh_port", "ping", "dhcp_client"])
         sources = []
         for i, cidr in enumerate(self.strings(h, "ssh_from", "host")):
             try:
@@ -435,22 +361,15 @@ class _Validator:
             "broadcasts_per_second": (d.broadcasts_per_second, 1, 1_000_000),
             "unknown_frames_per_second": (d.unknown_frames_per_second, 1, 1_000_000),
         }
-        t = self.table(raw, "limits", "limits", keys)
+        t = self.table(raw, "limits", "", keys)
         return Limits(
             **{k: self.integer(t, k, "limits", dflt, lo, hi) for k, (dflt, lo, hi) in keys.items()}
         )
 
-    def integer(self, raw: dict, key: str, path: str, default: int, lo: int, hi: int) -> int:
-        value = raw.get(key, default)
-        if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi:
-            return value
-        self.bad(f"{path}.{key}", f"{value!r}, expected an integer from {lo} to {hi}")
-        return default
-
     def domains(self, raw: dict, wan: str | None, hub: bool) -> dict[str, Domain]:
         section = raw.get("domains", {})
         if not isinstance(section, dict):
-            self.bad("domains", f"is a {_kind(section)}, expected tables [domains.NAME]")
+            self.bad("domains", self.mistyped(section, "tables [domains.NAME]"))
             return {}
         if not section:
             self.bad("domains", "none defined, expected at least one [domains.NAME] with a pool")
@@ -459,14 +378,14 @@ class _Validator:
         for name, body in section.items():
             path = f"domains.{name}"
             if not isinstance(body, dict):
-                self.bad(path, f"is a {_kind(body)}, expected a table [{path}]")
+                self.bad(path, self.mistyped(body, f"a table [{path}]"))
                 continue
             if not is_label(name) or name == QUARANTINE:
                 self.bad(
                     path,
                     f"{name!r} is not a usable domain name, expected a DNS label other than 'quarantine'",
                 )
-            self.keys(body, path, allowed)
+            self.unknown_keys(body, path, allowed)
             if "pool" not in body:
                 self.bad(f"{path}.pool", 'missing, expected an IPv4 CIDR like "10.10.0.0/24"')
                 pool = None
@@ -523,7 +442,7 @@ class _Validator:
         return out
 
     def quarantine(self, raw: dict) -> Quarantine:
-        q = self.table(raw, "quarantine", "quarantine", ["pool", "gateway", "subdomain"])
+        q = self.table(raw, "quarantine", "", ["pool", "gateway", "subdomain"])
         pool = self.network(q["pool"], "quarantine.pool") if "pool" in q else None
         gateway = self.gateway(q, "quarantine", pool)
         text = self.string(q, "subdomain", "quarantine", "q{n}") or "q{n}"
@@ -549,7 +468,7 @@ class _Validator:
     def rules(self, raw: dict, domains: dict[str, Domain], bridge: str) -> list[Rule]:
         section = raw.get("rules", [])
         if not isinstance(section, list) or not all(isinstance(r, dict) for r in section):
-            self.bad("rules", f"is a {_kind(section)}, expected [[rules]] tables")
+            self.bad("rules", self.mistyped(section, "[[rules]] tables"))
             return []
         allowed = ["name", "domain", "subdomain", "max", "max_per_port", "match"]
         rules: list[Rule] = []
@@ -562,7 +481,7 @@ class _Validator:
                 if isinstance(name, str) and _RULE_NAME.match(name)
                 else f"rules[{i + 1}]"
             )
-            self.keys(body, path, allowed)
+            self.unknown_keys(body, path, allowed)
             if not isinstance(name, str) or not _RULE_NAME.match(name):
                 self.bad(
                     f"{path}.name",
@@ -641,9 +560,9 @@ class _Validator:
             self.bad(path, f"missing, expected a table with at least one of: {', '.join(allowed)}")
             return None
         if not isinstance(body, dict):
-            self.bad(path, f"is a {_kind(body)}, expected a table")
+            self.bad(path, self.mistyped(body, "a table"))
             return None
-        self.keys(body, path, allowed)
+        self.unknown_keys(body, path, allowed)
         if not any(k in body for k in allowed):
             self.bad(path, f"empty, expected at least one of: {', '.join(allowed)}")
             return None
@@ -658,7 +577,7 @@ class _Validator:
                 continue
             value = body[key]
             if not isinstance(value, str):
-                self.bad(f"{path}.{key}", f"is a {_kind(value)}, expected a string")
+                self.bad(f"{path}.{key}", self.mistyped(value, "a string"))
                 ok = False
                 continue
             try:
@@ -775,14 +694,3 @@ def _covers(a: Match, b: Match) -> bool:
     if not _glob_covers(a.libvirt_name, b.libvirt_name):
         return False
     return all(_glob_covers(v, b.libvirt_metadata.get(k)) for k, v in a.libvirt_metadata.items())
-
-
-def _kind(value: Any) -> str:
-    return {
-        bool: "boolean",
-        int: "integer",
-        float: "float",
-        str: "string",
-        list: "list",
-        dict: "table",
-    }.get(type(value), type(value).__name__)

@@ -26,28 +26,27 @@ time), in the same network namespace, whose interface exists and whose socket
 answers, instead of starting a second one. A recorded daemon that is gone (its
 tun closes with it, so the interface is gone too) or no longer answers is started
 again; `ensure` then returns True because the new daemon has no configuration.
-Only recorded processes are ever signalled, through a pidfd opened after the
-start time was checked (no PID-reuse race).
+Only recorded processes are ever signalled, by `common.processes` (a pidfd
+checked against the start time: no PID-reuse race).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
-import json
 import logging
 import os
-import select
 import shutil
-import signal
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from common import processes
+from common.processes import ProcessRecord
 from controller.drivers.wireguard import uapi
 from controller.drivers.wireguard.backend import Backend
 from controller.drivers.wireguard.errors import (
@@ -64,40 +63,9 @@ SOCKET_DIR = os.path.realpath("/var/run/wireguard")
 _START = 'mkdir -p "$1" && mount -t tmpfs -o mode=0700,size=1m tmpfs "$1" && exec "$2" -f "$3"'
 
 
-@dataclass(frozen=True, slots=True)
-class DaemonRecord:
-    pid: int
-    start: int  # field 22 of /proc/PID/stat: survives exec, differs for a reused PID
-    netns: int  # inode of the network namespace the daemon was started in
-
-    def socket_path(self, name: str) -> str:
-        return f"/proc/{self.pid}/root{SOCKET_DIR}/{name}.sock"
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return raw[raw.rfind(")") + 2 :].split()  # comm may hold spaces and ')'
-
-
-def start_time(pid: int) -> int | None:
-    fields = _stat(pid)
-    return None if fields is None else int(fields[19])
-
-
-def alive(rec: DaemonRecord) -> bool:
-    """The recorded process still exists (a zombie counts as gone)."""
-    fields = _stat(rec.pid)
-    return fields is not None and int(fields[19]) == rec.start and fields[0] not in ("Z", "X")
-
-
-def _netns_of(pid: int | str) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino
-    except OSError:
-        return None
+def socket_path(rec: ProcessRecord, name: str) -> str:
+    """The daemon's UAPI socket, seen through its own mount namespace."""
+    return f"/proc/{rec.pid}/root{SOCKET_DIR}/{name}.sock"
 
 
 def link_exists(name: str) -> bool:
@@ -128,8 +96,6 @@ class UserspaceWireGuard(Backend):
         self.timeout = timeout
         self.start_timeout = start_timeout
         self._lock = threading.Lock()
-        # Daemons this process started: wait() on them reaps them when they die.
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     # ---- records -------------------------------------------------------------------------
 
@@ -139,19 +105,10 @@ class UserspaceWireGuard(Backend):
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"wireguard-go-{name}.log"
 
-    def record(self, name: str) -> DaemonRecord | None:
-        """The recorded daemon of `name` (alive or not), or None."""
-        try:
-            r = json.loads(self._record_path(check_ifname(name)).read_text())
-            return DaemonRecord(int(r["pid"]), int(r["start"]), int(r["netns"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def _write_record(self, name: str, rec: DaemonRecord) -> None:
-        path = self._record_path(name)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": rec.pid, "start": rec.start, "netns": rec.netns}) + "\n")
-        os.replace(tmp, path)
+    def record(self, name: str) -> ProcessRecord | None:
+        """The recorded daemon of `name` (running or not), or None."""
+        rec = processes.read_record(self._record_path(check_ifname(name)))
+        return rec if rec is not None and rec.netns is not None else None
 
     def _forget(self, name: str) -> None:
         self._record_path(name).unlink(missing_ok=True)
@@ -164,23 +121,30 @@ class UserspaceWireGuard(Backend):
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
-    def _live(self, name: str) -> DaemonRecord:
+    def _live(self, name: str) -> ProcessRecord:
         """The daemon to talk to for `name`, or DeviceNotFound."""
         rec = self.record(check_ifname(name))
-        if rec is None or not alive(rec):
+        if rec is None or not self._runs_here(name, rec):
             raise DeviceNotFound(f"no running wireguard-go for {name} (see {self.state_dir})")
-        if rec.netns != _netns_of("self"):
+        return rec
+
+    def _runs_here(self, name: str, rec: ProcessRecord) -> bool:
+        """Whether the recorded daemon runs; WireGuardError if it runs in another
+        network namespace (not ours to touch from here)."""
+        if not processes.is_running(rec):
+            return False
+        if rec.netns != processes.netns_of("self"):
             raise WireGuardError(
                 f"wireguard-go for {name} (pid {rec.pid}) runs in another network namespace "
                 f"than this process: is {self.state_dir} shared between two controllers?"
             )
-        return rec
+        return True
 
     # ---- UAPI ------------------------------------------------------------------------------
 
-    def _transact(self, name: str, rec: DaemonRecord, request: bytes, what: str) -> list[str]:
+    def _transact(self, name: str, rec: ProcessRecord, request: bytes, what: str) -> list[str]:
         try:
-            return uapi.transact(rec.socket_path(name), request, timeout=self.timeout)
+            return uapi.transact(socket_path(rec, name), request, timeout=self.timeout)
         except (FileNotFoundError, ConnectionRefusedError):
             raise DeviceNotFound(
                 f"wireguard-go for {name} (pid {rec.pid}) does not answer"
@@ -188,7 +152,7 @@ class UserspaceWireGuard(Backend):
         except OSError as e:
             raise WireGuardError(f"UAPI {what} on {name} failed: {e}") from None
 
-    def _answers(self, name: str, rec: DaemonRecord) -> bool:
+    def _answers(self, name: str, rec: ProcessRecord) -> bool:
         if not link_exists(name):
             return False
         try:
@@ -211,9 +175,7 @@ class UserspaceWireGuard(Backend):
         check_ifname(name)
         with self._exclusive(name):
             rec = self.record(name)
-            if rec is not None and alive(rec):
-                if rec.netns != _netns_of("self"):
-                    self._live(name)  # raises: not ours to touch from here
+            if rec is not None and self._runs_here(name, rec):
                 if self._answers(name, rec):
                     return False
                 log.warning(
@@ -228,7 +190,7 @@ class UserspaceWireGuard(Backend):
                     name,
                     rec.pid,
                 )
-                self._reap(rec.pid)
+                processes.reap(rec.pid)
             self._forget(name)
             # A daemon that just died takes its tun with it, a moment later.
             if not self._wait_link_gone(name, 1.0 if rec is not None else 0.0):
@@ -243,9 +205,7 @@ class UserspaceWireGuard(Backend):
         check_ifname(name)
         with self._exclusive(name):
             rec = self.record(name)
-            if rec is not None and alive(rec):
-                if rec.netns != _netns_of("self"):
-                    self._live(name)  # raises
+            if rec is not None and self._runs_here(name, rec):
                 self._stop(name, rec)
             self._forget(name)
             if not self._wait_link_gone(name, 2.0 if rec is not None else 0.0):
@@ -254,7 +214,7 @@ class UserspaceWireGuard(Backend):
                     "not removing it"
                 )
 
-    def _start(self, name: str) -> DaemonRecord:
+    def _start(self, name: str) -> ProcessRecord:
         if shutil.which(self.binary) is None:
             raise WireGuardUnavailable(
                 f"{self.binary} not found (apt-get install --no-install-recommends wireguard-go)"
@@ -268,26 +228,10 @@ class UserspaceWireGuard(Backend):
             "WG_PROCESS_FOREGROUND": "1",  # as -f; also silences a banner meant for humans
         }
         began = time.monotonic()
-        with open(self.log_path(name), "ab") as out:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # not in the controller's process group
-                close_fds=True,
-            )
-        started = start_time(proc.pid)
-        netns = _netns_of("self")
-        if started is None or netns is None:  # cannot happen for our unreaped child
-            proc.kill()
-            proc.wait()
-            raise WireGuardError(f"wireguard-go for {name} vanished at start")
-        rec = DaemonRecord(proc.pid, started, netns)
-        self._children[proc.pid] = proc
+        proc, rec = processes.spawn(argv, log=self.log_path(name), env=env)
+        rec = dataclasses.replace(rec, netns=processes.netns_of("self"))
         # Record before waiting: if we die now, the next ensure finds and stops it.
-        self._write_record(name, rec)
+        processes.write_record(self._record_path(name), rec)
         try:
             self._wait_ready(name, rec, proc)
         except BaseException:
@@ -302,7 +246,7 @@ class UserspaceWireGuard(Backend):
         )
         return rec
 
-    def _wait_ready(self, name: str, rec: DaemonRecord, proc: subprocess.Popen[bytes]) -> None:
+    def _wait_ready(self, name: str, rec: ProcessRecord, proc: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + self.start_timeout
         pause = 0.001
         while True:
@@ -324,33 +268,11 @@ class UserspaceWireGuard(Backend):
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 
-    def _stop(self, name: str, rec: DaemonRecord) -> None:
+    def _stop(self, name: str, rec: ProcessRecord) -> None:
         """SIGTERM, then SIGKILL after 3 s, to the recorded process only; wait for
         it to exit and for its interface to go."""
-        try:
-            fd = os.pidfd_open(rec.pid)
-        except ProcessLookupError:
-            fd = None
-        try:
-            if fd is not None and alive(rec):  # the pidfd now pins the checked process
-                for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(fd, sig)
-                    if select.select([fd], [], [], wait)[0]:
-                        break
-        finally:
-            if fd is not None:
-                os.close(fd)
-        child = self._children.pop(rec.pid, None)
-        if child is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=1)
+        processes.stop([rec], grace=3.0, kill_wait=5.0)
         self._wait_link_gone(name, 2.0)
-
-    def _reap(self, pid: int) -> None:
-        child = self._children.get(pid)
-        if child is not None and child.poll() is not None:
-            del self._children[pid]
 
     @staticmethod
     def _wait_link_gone(name: str, timeout: float) -> bool:
