@@ -7,22 +7,29 @@ The lab talks to it only through its command line and `dom0 status --json`.
 It is ready when RUNDIR/state/control.sock accepts a connection. Tests stop it
 gracefully, SIGKILL it (the data plane must outlive it) and start it again on
 the same state directory.
+
+Tests never sleep to let the controller act: status carries a "generation"
+that the controller bumps after every applied reconcile and every policy
+reload's outcome, so a test reads it before it acts and waits until it has
+passed that value (`wait_generation`), or waits for the fact it expects.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from controller.lab import netns, processes
 from controller.lab.rundir import Lab, LabError
+from controller.lab.wait import wait_for
 
 ROLE = "controller"
 READY_TIMEOUT = 20.0
@@ -172,8 +179,8 @@ def restart(
     return start(lab, policy, timeout=timeout)
 
 
-def status(lab: Lab, timeout: float = 10.0) -> list[dict[str, Any]]:
-    """`dom0 status --json` of the lab's controller: its "machines" list."""
+def reply(lab: Lab, timeout: float = 10.0) -> dict[str, Any]:
+    """`dom0 status --json` of the lab's controller: the whole reply."""
     proc = netns.run(
         lab.dom0_ns,
         [
@@ -188,10 +195,97 @@ def status(lab: Lab, timeout: float = 10.0) -> list[dict[str, Any]]:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         raise LabError(f"dom0 status failed: {detail[-1] if detail else proc.returncode}")
     try:
-        machines = json.loads(proc.stdout)["machines"]
-    except (ValueError, KeyError, TypeError) as exc:
+        got = json.loads(proc.stdout)
+    except ValueError as exc:
         raise LabError(f"dom0 status: unexpected output: {exc}") from exc
-    return list(machines)
+    if not isinstance(got, dict) or not isinstance(got.get("machines"), list):
+        raise LabError("dom0 status: unexpected output: no machines list")
+    if not isinstance(got.get("generation"), int):
+        raise LabError("dom0 status: unexpected output: no generation")
+    return got
+
+
+def status(lab: Lab, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """`dom0 status --json` of the lab's controller: its "machines" list."""
+    return list(reply(lab, timeout)["machines"])
+
+
+def generation(lab: Lab) -> int:
+    """The controller's generation now (read it before an action, then wait_generation)."""
+    return int(reply(lab)["generation"])
+
+
+def wait_generation(
+    lab: Lab,
+    after: int,
+    until: Callable[[dict[str, Any]], object] | None = None,
+    *,
+    timeout: float = 10.0,
+    what: str = "",
+) -> dict[str, Any]:
+    """The first status reply whose generation has passed `after` (a value read
+    before the action) and, with until, for which until(reply) is true.
+    LabError after timeout, also if the controller has exited."""
+
+    def ready() -> dict[str, Any] | None:
+        check_running(lab)
+        got = reply(lab)
+        if int(got["generation"]) <= after:
+            return None
+        return got if until is None or until(got) else None
+
+    label = what or f"the controller's generation to pass {after}"
+    return wait_for(ready, timeout, label)
+
+
+# The outcomes of a policy reload, as the controller logs them (controller/engine.py).
+RELOAD_OUTCOME = re.compile(
+    r"policy reload \((?P<why>[^)]*)\)(?:: (?P<outcome>applying|unchanged)| (?P<refused>refused):)"
+)
+
+
+def _log_size(lab: Lab) -> int:
+    try:
+        return lab.controller_log.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def reload_outcomes(lab: Lab, since: int = 0) -> list[str]:
+    """applying / unchanged / refused, for each reload logged after byte offset since."""
+    try:
+        with lab.controller_log.open("rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return []
+    return [m["outcome"] or m["refused"] for m in RELOAD_OUTCOME.finditer(text)]
+
+
+def reload(lab: Lab, text: str | None = None, *, hup: bool = True, timeout: float = 10.0) -> str:
+    """Replace the policy with text (if given) and reload it: SIGHUP (hup),
+    else the controller's own poll of the file. Waits for the reload's
+    outcome in the log, then for the generation to pass the one read before:
+    the controller logs the outcome and bumps the generation in one step of
+    its loop (after applying, if it applies), and answers status only between
+    steps. Returns the first outcome: "applying", "unchanged" or "refused"."""
+    before = generation(lab)
+    mark = _log_size(lab)
+    if text is not None:
+        write_policy(lab, text)
+    if hup:
+        proc = pid(lab)
+        if proc is None:
+            raise LabError("controller not running: nothing to reload")
+        processes.send_signal(proc, signal.SIGHUP)
+
+    def first() -> str | None:
+        outcomes = reload_outcomes(lab, mark)
+        return outcomes[0] if outcomes else None
+
+    outcome = wait_for(first, timeout, "the policy reload's outcome in controller.log")
+    wait_generation(lab, before, timeout=timeout, what=f"the generation to pass {before}")
+    return outcome
 
 
 def machine(lab: Lab, mac: str) -> dict[str, Any] | None:

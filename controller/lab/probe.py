@@ -7,8 +7,11 @@ Several URLs are fetched concurrently; --json prints one result object per
 URL (and exits 0 if all succeeded). --source binds the client socket to ADDR
 first (a forged address must be on an interface, or use --freebind).
 
-The library half (`probe_http`, `probe_many`, `probe_parallel`) runs the CLI
-in a namespace with `ip netns exec` and returns ProbeResult objects.
+The library half (`probe_http`, `probe_many`, `probe_parallel`, `ping`) runs
+in a namespace with `ip netns exec` and returns ProbeResult objects, whose
+`kind` says how a probe failed: a test that expects a block checks that it
+was the right kind of failure (controller/lab/expect.py), because a probe
+that could not run is not a firewall's doing.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import re
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from urllib.parse import urlsplit
 
 DEFAULT_TIMEOUT = 3.0
@@ -30,10 +34,23 @@ MAX_BODY = 64 * 1024
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 
 
+# What a failed probe's kind means. Only the first four are what a firewall or
+# a route does to a packet; the others are the probe's own failures.
+KINDS = {
+    "timeout": "no answer within the timeout (a silent drop)",
+    "refused": "a TCP reset (nothing listening, or a reject)",
+    "unreachable": "no route, or an ICMP unreachable",
+    "denied": "this namespace's own firewall refused to send it (EPERM)",
+    "bind": "the source address could not be bound",
+    "http": "an answer that is not HTTP 2xx",
+    "error": "the probe could not run",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
-    """ok with the body, or not ok with kind (timeout, refused, unreachable,
-    bind, http, error) and a one-line error."""
+    """ok with the body, or not ok with kind (see KINDS) and a one-line error.
+    namespace and source say where the probe ran from (set by the library)."""
 
     url: str
     ok: bool
@@ -41,11 +58,22 @@ class ProbeResult:
     kind: str = ""
     error: str = ""
     elapsed: float = 0.0
+    namespace: str = ""
+    source: str = ""
 
     @property
     def blocked(self) -> bool:
         """The connection did not complete (what a firewall drop or reject looks like)."""
-        return self.kind in ("timeout", "refused", "unreachable")
+        return self.kind in ("timeout", "refused", "unreachable", "denied")
+
+    def describe(self) -> str:
+        """One line: the probe, where from, and how it ended."""
+        where = f" from {self.namespace}" if self.namespace else ""
+        if self.source:
+            where += f" (source {self.source})"
+        if self.ok:
+            return f"{self.url}{where}: answered ({self.elapsed:.2f} s)"
+        return f"{self.url}{where}: {self.kind or 'error'}: {self.error}"
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -56,8 +84,10 @@ def _classify(exc: OSError) -> str:
         return "timeout"
     if exc.errno == errno.ECONNREFUSED:
         return "refused"
-    if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES, errno.EPERM):
+    if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
         return "unreachable"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "denied"  # a drop in this namespace's own output path
     return "error"
 
 
@@ -198,6 +228,10 @@ def _collect(proc: subprocess.Popen[str], urls: Sequence[str], timeout: float) -
         return [ProbeResult(u, False, kind="error", error=line) for u in urls]
 
 
+def _placed(results: list[ProbeResult], ns: str, source: str | None) -> list[ProbeResult]:
+    return [replace(r, namespace=ns, source=source or "") for r in results]
+
+
 def probe_many(
     ns: str,
     urls: Sequence[str],
@@ -210,7 +244,7 @@ def probe_many(
     if not urls:
         return []
     argv = probe_argv(urls, source=source, timeout=timeout, freebind=freebind)
-    return _collect(_start(ns, argv), urls, timeout)
+    return _placed(_collect(_start(ns, argv), urls, timeout), ns, source)
 
 
 def probe_http(
@@ -233,7 +267,46 @@ def probe_parallel(
         (_start(ns, probe_argv(urls, timeout=timeout)), urls) if urls else (None, urls)
         for ns, urls in jobs
     ]
-    return [[] if proc is None else _collect(proc, urls, timeout) for proc, urls in running]
+    return [
+        [] if proc is None else _placed(_collect(proc, urls, timeout), ns, None)
+        for (proc, urls), (ns, _) in zip(running, jobs, strict=True)
+    ]
+
+
+_RECEIVED = re.compile(r"(\d+) packets transmitted, (\d+) packets received")
+
+
+def ping(ns: str, address: str, *, timeout: float = 1.0, count: int = 1) -> ProbeResult:
+    """`busybox ping` from inside ns, as a ProbeResult: ok if any echo reply
+    came back, "timeout" if the requests went out and none came back, and
+    otherwise why ping could not send (unreachable, denied) or run (error).
+    busybox exits 1 in every one of these cases: its statistics line is what
+    tells "no reply" from "did not send"."""
+    from controller.lab import netns
+
+    argv = ["busybox", "ping", *(["-6"] if ":" in address else []), "-c", str(count)]
+    argv += ["-W", f"{max(1, round(timeout))}", address]
+    url = f"ping {address}"
+    started = time.monotonic()
+    try:
+        proc = netns.run(ns, argv, check=False, timeout=timeout * count + 10.0)
+    except subprocess.TimeoutExpired:
+        return ProbeResult(url, False, kind="error", error="ping hung", namespace=ns)
+    elapsed = time.monotonic() - started
+    out = f"{proc.stdout}\n{proc.stderr}"
+    stats = _RECEIVED.search(out)
+    if stats and int(stats[2]) > 0:
+        return ProbeResult(url, True, body=proc.stdout, elapsed=elapsed, namespace=ns)
+    if stats and int(stats[1]) > 0:
+        error = f"{stats[1]} sent, no reply within {timeout:g} s"
+        return ProbeResult(url, False, kind="timeout", error=error, elapsed=elapsed, namespace=ns)
+    line = (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}").splitlines()
+    kind = "error"
+    if "Network is unreachable" in out or "No route to host" in out:
+        kind = "unreachable"
+    elif "sendto: Operation not permitted" in out:
+        kind = "denied"
+    return ProbeResult(url, False, kind=kind, error=line[-1], elapsed=elapsed, namespace=ns)
 
 
 if __name__ == "__main__":

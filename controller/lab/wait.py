@@ -11,7 +11,7 @@ from controller.lab.rundir import LabError
 T = TypeVar("T")
 
 
-def wait_for(cond: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+def wait_for(cond: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:
     """cond()'s first truthy value; LabError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -1,7 +1,12 @@
 """dom0's own input, and the hand-over from the installer's boot baseline:
 the controller deletes `inet dom0_baseline` in the transaction that loads its
 own tables, whose host rules ([host] in the policy) keep open what the
-baseline kept open, and nothing more."""
+baseline kept open, and nothing more.
+
+A negative probe passes only on a clean block (controller/lab/expect.py): a
+timeout where dom0 drops what comes in, and for dom0's own traffic its
+output chain's drop. Each has its control here: the same probe answered
+with dom0's tables removed, or before the kill switch is loaded."""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from typing import Any
 import pytest
 
 from controller.lab import build, controllerproc, dhcpclient, netns, processes, topology, vm
+from controller.lab.expect import OWN_OUTPUT, assert_blocked, assert_reached
+from controller.lab.probe import ProbeResult, probe_http
 from controller.lab.rundir import Lab
 
 pytestmark = pytest.mark.lab
@@ -42,12 +49,9 @@ def listen(lab: Lab, port: int) -> None:
     lab.record_process(f"listen-{port}@dom0", proc, lab.dom0_ns, argv)
 
 
-def from_wan(lab: Lab, port: int, source: str | None = None) -> bool:
-    url = vm.echo_url(topology.DOM0_WAN, port)
-    argv = [PY, "-m", "controller.lab.probe", "http", url, "--timeout", "1.5"]
-    if source:
-        argv += ["--source", source]
-    return netns.run(lab.wan_ns, argv, check=False, env=processes.python_env()).returncode == 0
+def from_wan(lab: Lab, port: int, source: str) -> ProbeResult:
+    """GET the listener on dom0's WAN address and port, from the internet side."""
+    return probe_http(lab.wan_ns, vm.echo_url(topology.DOM0_WAN, port), source=source, timeout=1.5)
 
 
 def test_controller_takes_over_the_baseline_and_keeps_ssh(make_lab: Any, tmp_path: Path) -> None:
@@ -70,14 +74,25 @@ def test_controller_takes_over_the_baseline_and_keeps_ssh(make_lab: Any, tmp_pat
     # the VMs work: the baseline's forward drop is gone
     assert vm.whoami(lab, 1) == topology.VPN_WAN
     # SSH (port 2222 here) from the allowed source only; nothing else comes in
-    assert from_wan(lab, 2222, source=topology.WAN_GATEWAY)
-    assert not from_wan(lab, 2222, source="198.51.100.9")
-    assert not from_wan(lab, 8080, source=topology.WAN_GATEWAY)
+    assert assert_reached(from_wan(lab, 2222, topology.WAN_GATEWAY)).body.strip() == (
+        topology.WAN_GATEWAY
+    )
+    assert_blocked(from_wan(lab, 2222, "198.51.100.9"), from_wan(lab, 8080, topology.WAN_GATEWAY))
     # a baseline loaded again behind the controller's back is taken over at the next sync
     netns.run(lab.dom0_ns, ["nft", "-f", "-"], input=BASELINE)
     controllerproc.restart(lab)
     assert "dom0_baseline" not in netns.run(lab.dom0_ns, ["nft", "list", "tables"]).stdout
     assert vm.whoami(lab, 2) == topology.VPN_WAN
+    assert_blocked(from_wan(lab, 2222, "198.51.100.9"), from_wan(lab, 8080, topology.WAN_GATEWAY))
+    # control: with the controller stopped and its tables deleted (kill switch
+    # included) the same probes are answered, so it was dom0 that dropped them
+    controllerproc.stop(lab)
+    for table in ("dom0_wan", "dom0"):
+        netns.run(lab.dom0_ns, ["nft", "delete", "table", "inet", table])
+    assert assert_reached(from_wan(lab, 2222, "198.51.100.9")).body.strip() == "198.51.100.9"
+    assert assert_reached(from_wan(lab, 8080, topology.WAN_GATEWAY)).body.strip() == (
+        topology.WAN_GATEWAY
+    )
 
 
 def test_killswitch_command_loads_it_alone(make_lab: Any) -> None:
@@ -87,14 +102,16 @@ def test_killswitch_command_loads_it_alone(make_lab: Any) -> None:
     env = processes.python_env()
     check = netns.run(lab.dom0_ns, [*cmd, "--check"], check=False, env=env)
     assert check.returncode == 1
+    # control: before it, dom0's own traffic leaves by the WAN (seen as its address)
+    seen = assert_reached(probe_http(lab.dom0_ns, vm.echo_url(), timeout=1.5)).body.strip()
+    assert seen == topology.DOM0_WAN
     out = netns.run(lab.dom0_ns, cmd, env=env).stdout
     assert out.startswith(
         "dom0 killswitch: loaded table inet dom0_wan: only UDP to 198.51.100.3:51820"
     )
     assert netns.run(lab.dom0_ns, [*cmd, "--check"], check=False, env=env).returncode == 0
     # dom0's own traffic cannot leave now, tunnel or not
-    probe = [PY, "-m", "controller.lab.probe", "http", vm.echo_url(), "--timeout", "1"]
-    assert netns.run(lab.dom0_ns, probe, check=False, env=env).returncode != 0
+    assert_blocked(probe_http(lab.dom0_ns, vm.echo_url(), timeout=1.5), allow=OWN_OUTPUT)
     bad = lab.root / "bad.toml"
     bad.write_text("[uplink]\nendpoint = 3\n")
     r = netns.run(
