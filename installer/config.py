@@ -9,6 +9,7 @@ to its key file, policy and wheel.
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 import os
 import posixpath
@@ -293,17 +294,19 @@ class _Table:
             return default if default is not REQUIRED else None
         return value
 
-    def bool(self, key: str, default: Any = REQUIRED) -> Any:
+    def bool(self, key: builtins.str, default: Any = REQUIRED) -> Any:
         return self._get(key, bool, default)
 
-    def int(self, key: str, default: Any = REQUIRED, *, lo: int, hi: int) -> Any:
+    def int(
+        self, key: builtins.str, default: Any = REQUIRED, *, lo: builtins.int, hi: builtins.int
+    ) -> Any:
         value = self._get(key, int, default)
         if isinstance(value, int) and key in self.data and not lo <= value <= hi:
             self.problem(key, f"{value} is out of range, expected {lo}..{hi}")
             return default if default is not REQUIRED else None
         return value
 
-    def size(self, key: str, default: int, *, minimum: int) -> int:
+    def size(self, key: builtins.str, default: builtins.int, *, minimum: builtins.int) -> builtins.int:
         self.seen.add(key)
         if key not in self.data:
             return default
@@ -317,7 +320,7 @@ class _Table:
             return default
         return parsed
 
-    def strs(self, key: str, default: Any = REQUIRED) -> Any:
+    def strs(self, key: builtins.str, default: Any = REQUIRED) -> Any:
         value = self._get(key, list, default)
         if value is None:
             return None if default is REQUIRED else default
@@ -329,11 +332,11 @@ class _Table:
                 out.append(item)
         return tuple(out)
 
-    def table(self, key: str) -> _Table:
+    def table(self, key: builtins.str) -> _Table:
         value = self._get(key, dict, {})
         return _Table(value if isinstance(value, dict) else {}, self.where(key), self.checker)
 
-    def tables(self, key: str) -> list[_Table]:
+    def tables(self, key: builtins.str) -> list[_Table]:
         value = self._get(key, list, [])
         out = []
         for i, item in enumerate(value or []):
@@ -746,7 +749,8 @@ class _Parser:
 
         # The profile depends on the desktop choice, which the [desktop] section
         # owns (and reports problems for); only its two keys are peeked at here.
-        dt = top.data.get("desktop") if isinstance(top.data.get("desktop"), dict) else {}
+        raw_desktop = top.data.get("desktop")
+        dt: dict = raw_desktop if isinstance(raw_desktop, dict) else {}
         desktop = None
         if dt.get("enabled") is True:
             env = dt.get("environment", "gnome")

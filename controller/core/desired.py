@@ -183,7 +183,7 @@ class MachineState:
         peer = v.get("peer")
         return cls(
             elements={
-                tuple(k.split("/", 1)): frozenset(tuple(e) for e in elems)  # type: ignore[misc]
+                tuple(k.split("/", 1)): frozenset(tuple(e) for e in elems)
                 for k, elems in v["elements"].items()
             },
             dhcp=None if v["dhcp"] is None else DhcpHost(**v["dhcp"]),

@@ -117,8 +117,8 @@ class HostsDir:
         """Every reservation on disk. A file that is not a reservation of
         ours is neutralised in place (a tombstone, or emptied): dnsmasq would
         keep a deleted file's entries until it restarts."""
-        out = {}
-        seen = set()
+        out: dict[str, DhcpHost] = {}
+        seen: set[str] = set()
         if self.readonly and not self.dir.is_dir():
             return out
         with os.scandir(self.dir) as entries:

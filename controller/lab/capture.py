@@ -48,7 +48,7 @@ class Packet:
     src_mac: str
     data: bytes  # from the network layer on
 
-    def decode(self):  # type: ignore[no-untyped-def]
+    def decode(self):
         """The packet decoded by scapy (IP, IPv6, ARP, else Raw)."""
         from scapy.layers.inet import IP
         from scapy.layers.inet6 import IPv6

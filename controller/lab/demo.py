@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -242,7 +242,7 @@ def to_json(rows: Sequence[Row], lab_name: str, expected_echo: str) -> dict[str,
 
 
 def select_peers(
-    index: int, machines: dict[int, Machine | None], limit: int = ALL_PEERS_UP_TO
+    index: int, machines: Mapping[int, Machine | None], limit: int = ALL_PEERS_UP_TO
 ) -> list[int]:
     """Which peers VM index probes: all when few, else the nearest two of its own
     domain and the nearest two of others (both expectations stay covered)."""

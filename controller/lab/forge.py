@@ -58,6 +58,13 @@ READY_TIMEOUT = 10.0
 IN_FLIGHT = 0.3  # seconds for frames still crossing dom0 before a capture ends
 
 
+def settle() -> None:
+    """Wait for frames just sent to finish crossing dom0 (and the kernel to
+    count them) before their effect is read: a packet's flight, not a wait
+    for the controller (which has its generation for that)."""
+    time.sleep(IN_FLIGHT)
+
+
 def new_marker(tag: str = "x") -> bytes:
     """A token no frame of the lab carries unless a test put it there."""
     return f"dom0-attack-{tag}-{secrets.token_hex(8)}".encode()
@@ -455,6 +462,11 @@ class Sender:
     def running(self) -> bool:
         _netns, processes, _LabError = _lab_modules()
         return self.proc is not None and processes.is_running(self.proc)
+
+    def finished(self, within: float) -> bool:
+        """Whether it has finished, waiting at most `within` seconds for it."""
+        _netns, processes, _LabError = _lab_modules()
+        return self.proc is None or processes.wait_exit(self.proc, within)
 
     def wait(self, timeout: float = 120.0) -> int:
         """Wait for it to finish; the number of frames sent (raises if it failed)."""

@@ -327,7 +327,7 @@ def flood_macs(n: int, seed: int) -> list[str]:
     VM's 52:54:00:d0:00:II), half match no rule (locally administered unicast)."""
     rnd = random.Random(seed)
     out: set[str] = set()
-    ordered = []
+    ordered: list[str] = []
     while len(ordered) < n:
         if len(ordered) % 2:
             mac = f"52:54:00:d0:{rnd.randrange(0x10, 0x100):02x}:{rnd.randrange(256) | 1:02x}"
@@ -393,11 +393,10 @@ def test_slot_exhaustion_one_port_gets_one_slot(make_lab: Any, mode: str) -> Non
     flood = forge.Sender(lab, lab.vm_ns(1), frames, "slots", repeat=1, interval=0.0).start()
     latencies = []
     newcomers = [build.add_vm(lab)]  # a new VM on a new port, while the flood runs
-    while flood.running():
+    while not flood.finished(within=0.1):  # a status sample every 0.1 s of the flood
         t0 = time.monotonic()
         reply(lab, timeout=10.0)
         latencies.append(time.monotonic() - t0)
-        time.sleep(0.1)
     sent = flood.wait(timeout=300)
     assert sent == len(macs)
     during = dhcpclient.wait_lease(lab, newcomers[0], timeout=30)
@@ -500,14 +499,12 @@ def test_mac_change_into_another_domain_is_not_admitted(make_lab: Any) -> None:
     lab = lab_for(make_lab, "bridge", 3)
     ip3 = machines(lab)[vm.mac(lab, 3)]["address"]
     vm.set_mac(lab, 2, INTRUDER_MAC)  # restarts udhcpc with the new MAC
-    deadline = time.monotonic() + DECIDE
-    entry, lease = None, None
-    while time.monotonic() < deadline:
-        entry = machines(lab).get(INTRUDER_MAC)
-        lease = x_lease(lab, 2)
-        if lease:  # the whole leak (admitted and leased): no need to wait longer
-            break
-        time.sleep(0.2)
+    # a bounded wait for the leak that must not come (the lease in x)
+    try:
+        lease = wait_for(lambda: x_lease(lab, 2), timeout=DECIDE, what="vm2's lease in x")
+    except LabError:
+        lease = None
+    entry = machines(lab).get(INTRUDER_MAC)
     if lease is None:
         # what an intruder would do without a lease: take an x address itself
         taken = {m["address"] for m in machines(lab).values()}

@@ -41,7 +41,6 @@ import json
 import re
 import signal
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -98,7 +97,7 @@ def kernel_sets(lab: Lab) -> dict[tuple[str, str], frozenset[tuple[str, ...]]]:
     assert got["shape_matches"], "the kernel's chains are not the ones ruleset.chains describes"
     assert got["killswitch"], "the kernel's kill switch is not the one the policy implies"
     return {
-        tuple(k.split("/", 1)): frozenset(tuple(e) for e in v)  # type: ignore[misc]
+        tuple(k.split("/", 1)): frozenset(tuple(e) for e in v)
         for k, v in got["sets"].items()
     }
 
@@ -195,10 +194,9 @@ class Dom0Observer:
         log = self.lab.logs_dir / f"{self.role}.log"
         _, self.proc = processes.spawn(argv, log=log, env=processes.python_env())
         self.lab.record_process(self.role, self.proc, self.lab.dom0_ns, argv)
+        proc = self.proc
         wait_for(
-            lambda: (
-                any(x.get("ready") for x in self._lines()) or not processes.is_running(self.proc)
-            ),  # type: ignore[arg-type]
+            lambda: any(x.get("ready") for x in self._lines()) or not processes.is_running(proc),
             what="dom0's observer to see its canary",
         )
         if not any(x.get("ready") for x in self._lines()):
@@ -207,7 +205,7 @@ class Dom0Observer:
 
     def stop(self) -> list[int]:
         assert self.proc is not None
-        time.sleep(forge.IN_FLIGHT)
+        forge.settle()
         processes.send_signal(self.proc, signal.SIGTERM)
         if not processes.wait_exit(self.proc, 10.0):
             processes.stop([self.proc])
@@ -425,11 +423,13 @@ def phase_tunnels(s: Sample) -> None:
     ms = {i: m for i, m in s.machines.items() if m.tunnel_ip}
     for i, m in ms.items():
         src = m.tunnel_ip
+        assert src is not None, f"vm{i}: no tunnel address in hub mode"
         for j, o in ms.items():
             if j == i:
                 continue
             kind = "allowed" if m.domain == o.domain else "isolated"
             for proto, port in (("udp", 7), ("tcp", 80), ("icmp", 0)):
+                assert o.tunnel_ip is not None
                 p = Packet("hub0", src=src, dst=o.tunnel_ip, proto=proto, sport=s.sport(),
                            dport=port)  # fmt: skip
                 s.add(f"{kind}: vm{i} -> vm{j} in the tunnel {proto}", i, p, l3=True)
@@ -566,7 +566,7 @@ def run_phases(
                 fakes[c.n] = fake
                 phase_of[c.n] = name
             send_all(lab, s.cases[first:])
-            time.sleep(0.2)
+            forge.settle()
         reads.append(("the end", kernel_sets(lab)))
         seen = obs.seen()
     # (the sets must hold still: a phase's packets met the sets read before it)
@@ -648,7 +648,7 @@ def attribution(lab: Lab, fake: FakeDataPlane, s: Sample) -> list[str]:
         if any("counter" in x for x in rule)
     }
 
-    def noise(k: tuple[str, str, str, int]) -> bool:
+    def noise(k: tuple[str, str | None, str, int | None]) -> bool:
         # what background traffic hits: the VMs' own IPv6 (anything but IPv4
         # and ARP, at police_source), dom0's own packets at the kill switch
         return k == ("bridge", "dom0", "police_source", 4) or k[1] == "dom0_wan"
@@ -665,7 +665,7 @@ def attribution(lab: Lab, fake: FakeDataPlane, s: Sample) -> list[str]:
             before = counters(lab)
             frames = [replace(p, ip_id=attempt).frame(topology.BRIDGE_MAC)]
             forge.send(lab, lab.vm_ns(i), frames, tag="fake-attribution")
-            time.sleep(0.1)
+            forge.settle()
             after = counters(lab)
             moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
             got = Counter({k: n for k, n in moved.items() if not noise(k)})
@@ -692,12 +692,13 @@ def agreement_lab(make_lab: Any) -> Iterator[Callable[[str], tuple[Lab, Sample]]
         if hub:  # every tunnel handshaken: dom0 knows each peer's endpoint
             for m in ms.values():
                 if m.tunnel_ip:
+
+                    def answers(m: Machine = m) -> bool:
+                        ping = ["busybox", "ping", "-c1", "-W1", m.gateway]
+                        return netns.run(lab.vm_ns(m.index), ping, check=False).returncode == 0
+
                     wait_for(
-                        lambda m=m: netns.run(
-                            lab.vm_ns(m.index),
-                            ["busybox", "ping", "-c1", "-W1", m.gateway],
-                            check=False,
-                        ).returncode == 0,
+                        answers,
                         timeout=15,
                         what=f"vm{m.index}'s tunnel",
                     )  # fmt: skip

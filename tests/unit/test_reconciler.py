@@ -90,7 +90,7 @@ class World:
         self.rec.observe(inv.Snapshot((BRIDGE_LINK,), ()))
         self.catch_up()
 
-    def _controller(self, state, policy, nft, addresses, tunnels) -> Reconciler:  # type: ignore[no-untyped-def]
+    def _controller(self, state, policy, nft, addresses, tunnels) -> Reconciler:
         return Reconciler(
             policy,
             state,
@@ -145,7 +145,7 @@ class World:
         self.rec.set_policy(self.policies[which])
 
     # -- the comparison -----------------------------------------------------------
-    def held(self, rec: Reconciler, nft: MemoryNft, addresses, tunnels) -> dict:  # type: ignore[no-untyped-def]
+    def held(self, rec: Reconciler, nft: MemoryNft, addresses, tunnels) -> dict:
         return {
             "shape": nft.shape,
             "sets": {k: frozenset(v) for k, v in nft.sets.items() if v},

@@ -362,7 +362,7 @@ class Verdict:
 
 _ETHER_TYPES: dict[Any, int] = {"ip": 0x0800, "arp": 0x0806, "ip6": 0x86DD, "vlan": 0x8100}
 _NAMES: dict[str, dict[str, int]] = {
-    "ether_type": _ETHER_TYPES,  # type: ignore[dict-item]
+    "ether_type": _ETHER_TYPES,
     "inet_proto": {
         "icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51,
         "icmpv6": 58, "sctp": 132, "udplite": 136,
