@@ -91,19 +91,26 @@ def request(state_dir: str | Path, cmd: str, timeout: float = 5.0, **args: objec
     return json.loads(data)
 
 
-def status_command(state_dir: str, *, as_json: bool = False) -> int:
+def _ask(state_dir: str, prog: str, *cmds: str) -> list[dict] | None:
+    """The replies to `cmds`, or None after one line on stderr saying why not."""
     try:
-        reply = request(state_dir, "status")
+        return [request(state_dir, cmd) for cmd in cmds]
     except (FileNotFoundError, ConnectionRefusedError):
         print(
-            f"dom0 status: no controller is running with state {state_dir} "
+            f"{prog}: no controller is running with state {state_dir} "
             f"({Path(state_dir) / SOCKET_NAME} does not answer)",
             file=sys.stderr,
         )
-        return 1
     except (OSError, ValueError) as e:
-        print(f"dom0 status: {state_dir}: {e}", file=sys.stderr)
+        print(f"{prog}: {state_dir}: {e}", file=sys.stderr)
+    return None
+
+
+def status_command(state_dir: str, *, as_json: bool = False) -> int:
+    replies = _ask(state_dir, "dom0 status", "status")
+    if replies is None:
         return 1
+    (reply,) = replies
     if as_json:
         print(json.dumps(reply, indent=2))
     else:
@@ -116,24 +123,15 @@ def status_command(state_dir: str, *, as_json: bool = False) -> int:
 def ask_command(state_dir: str, cmd: str, *, as_json: bool = False) -> int:
     """`dom0 reload` / `dom0 resync`: queue the request; the generation in
     `dom0 status --json` passes the one printed here once it is done."""
-    try:
-        before = request(state_dir, "status").get("generation")
-        reply = request(state_dir, cmd)
-    except (FileNotFoundError, ConnectionRefusedError):
-        print(
-            f"dom0 {cmd}: no controller is running with state {state_dir} "
-            f"({Path(state_dir) / SOCKET_NAME} does not answer)",
-            file=sys.stderr,
-        )
+    replies = _ask(state_dir, f"dom0 {cmd}", "status", cmd)
+    if replies is None:
         return 1
-    except (OSError, ValueError) as e:
-        print(f"dom0 {cmd}: {state_dir}: {e}", file=sys.stderr)
-        return 1
-    reply = {**reply, "generation_before": before}
+    status, reply = replies
+    reply = {**reply, "generation_before": status.get("generation")}
     if as_json:
         print(json.dumps(reply))
     elif reply.get("ok"):
-        print(f"{cmd} queued (generation {before}; see dom0 status)")
+        print(f"{cmd} queued (generation {reply['generation_before']}; see dom0 status)")
     else:
         print(f"dom0 {cmd}: {reply.get('error')}", file=sys.stderr)
     return 0 if reply.get("ok") else 1
