@@ -10,6 +10,7 @@ unknown keys, and how a value's type is named.
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -75,6 +76,18 @@ def has_type(value: object, t: type) -> bool:
 
 def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def nth(path: str, i: int) -> str:
+    """The path of the element at 0-based index `i` of an array, counted
+    from 1 as an operator counts (`users[1]` is the first user)."""
+    return f"{path}[{i + 1}]"
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """A hint naming the closest of `choices` to a typo, or the empty string."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class Checker:
@@ -199,5 +212,7 @@ class Checker:
         for key in raw:
             if key not in allowed:
                 self.bad(
-                    join(path, key), f"unknown key, expected one of: {', '.join(allowed) or 'none'}"
+                    join(path, key),
+                    f"unknown key{did_you_mean(key, allowed)}, "
+                    f"expected one of: {', '.join(allowed) or 'none'}",
                 )

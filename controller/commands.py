@@ -6,6 +6,14 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_STATE = "/var/lib/dom0"
+# The three options most sub-commands share, worded once.
+STATE_HELP = "the controller's state directory (default: %(default)s)"
+POLICY_HELP = "policy file, TOML (see docs/policy.md)"
+JSON_HELP = "print JSON instead of text"
+ASK_JSON_HELP = (
+    'print one JSON object instead of text, also when no controller answers ({"ok": false, '
+    '"error": ...}, exit 1)'
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _status(sub)
     _ask(sub)
     _wg(sub)
+    _machine(sub)
+    _host(sub)
+    _flush(sub)
     _lab(sub)
     _bench(sub)
 
@@ -25,8 +36,8 @@ def _policy(sub: argparse._SubParsersAction) -> None:
     psub = p.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=type(p))
     psub.required = True
     check = psub.add_parser("check", help="validate policy files; one line per problem")
-    check.add_argument("files", nargs="+", metavar="FILE")
-    check.add_argument("--json", action="store_true", help="machine-readable result")
+    check.add_argument("files", nargs="+", metavar="FILE", help="policy files, TOML")
+    check.add_argument("--json", action="store_true", help=JSON_HELP)
 
     def handler(args: argparse.Namespace) -> int:
         from controller.policy.check import check_command
@@ -38,9 +49,9 @@ def _policy(sub: argparse._SubParsersAction) -> None:
 
 def _plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="show what the controller would change now; changes nothing")
-    p.add_argument("--policy", required=True, metavar="FILE")
-    p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--policy", required=True, metavar="FILE", help=POLICY_HELP)
+    p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR", help=STATE_HELP)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     def handler(args: argparse.Namespace) -> int:
         from controller.planview import plan_command
@@ -52,9 +63,14 @@ def _plan(sub: argparse._SubParsersAction) -> None:
 
 def _run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the controller in the foreground")
-    p.add_argument("--policy", required=True, metavar="FILE")
-    p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--policy", required=True, metavar="FILE", help=POLICY_HELP)
+    p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR", help=STATE_HELP)
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe messages logged, to stderr (default: %(default)s)",
+    )
     p.add_argument(
         "--resync",
         type=float,
@@ -75,7 +91,7 @@ def _killswitch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "killswitch", help="load the WAN kill switch of a policy now (at boot, before the network)"
     )
-    p.add_argument("--policy", required=True, metavar="FILE")
+    p.add_argument("--policy", required=True, metavar="FILE", help=POLICY_HELP)
     p.add_argument(
         "--check", action="store_true", help="only say whether it is in place (exit 1 if not)"
     )
@@ -90,8 +106,8 @@ def _killswitch(sub: argparse._SubParsersAction) -> None:
 
 def _status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="machines the running controller knows")
-    p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR", help=STATE_HELP)
+    p.add_argument("--json", action="store_true", help=ASK_JSON_HELP)
 
     def handler(args: argparse.Namespace) -> int:
         from controller.control import status_command
@@ -108,8 +124,8 @@ def _ask(sub: argparse._SubParsersAction) -> None:
     }
     for cmd, text in helps.items():
         p = sub.add_parser(cmd, help=text)
-        p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR")
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR", help=STATE_HELP)
+        p.add_argument("--json", action="store_true", help=ASK_JSON_HELP)
 
         def handler(args: argparse.Namespace, cmd: str = cmd) -> int:
             from controller.control import ask_command
@@ -127,8 +143,8 @@ def _wg(sub: argparse._SubParsersAction) -> None:
         "export", help="print a wg-quick configuration for a hub machine (contains its private key)"
     )
     e.add_argument("name", metavar="NAME", help="machine name (web1 or web1.x.internal) or MAC")
-    e.add_argument("--state", default=DEFAULT_STATE, metavar="DIR")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--state", default=DEFAULT_STATE, metavar="DIR", help=STATE_HELP)
+    e.add_argument("--json", action="store_true", help=ASK_JSON_HELP)
 
     def handler(args: argparse.Namespace) -> int:
         from controller.wgexport import export_command
@@ -136,6 +152,64 @@ def _wg(sub: argparse._SubParsersAction) -> None:
         return export_command(args.state, args.name, as_json=args.json)
 
     e.set_defaults(handler=handler)
+
+
+def _machine(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("machine", help="act on one machine the running controller knows")
+    msub = p.add_subparsers(dest="machine_command", metavar="ACTION", parser_class=type(p))
+    msub.required = True
+    r = msub.add_parser(
+        "renew",
+        help="make a machine re-acquire its address now (flaps its port's carrier)",
+    )
+    r.add_argument("name", metavar="NAME", help="machine name (web1 or web1.x.internal) or MAC")
+    r.add_argument("--state", default=DEFAULT_STATE, metavar="DIR", help=STATE_HELP)
+    r.add_argument("--json", action="store_true", help=ASK_JSON_HELP)
+
+    def handler(args: argparse.Namespace) -> int:
+        from controller.control import renew_command
+
+        return renew_command(args.state, args.name, as_json=args.json)
+
+    r.set_defaults(handler=handler)
+
+
+def _host(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("host", help="the host dom0 takes over: checks")
+    hsub = p.add_subparsers(dest="host_command", metavar="ACTION", parser_class=type(p))
+    hsub.required = True
+    c = hsub.add_parser(
+        "check",
+        help="report anything else serving DHCP, DNS or NAT on the managed bridge (exit 1 if so)",
+    )
+    c.add_argument("--policy", required=True, metavar="FILE", help=POLICY_HELP)
+    c.add_argument("--json", action="store_true", help=JSON_HELP)
+
+    def handler(args: argparse.Namespace) -> int:
+        from controller.hostcheck import check_command
+
+        return check_command(args.policy, as_json=args.json)
+
+    c.set_defaults(handler=handler)
+
+
+def _flush(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "flush",
+        help="remove everything dom0 put in place (tables, addresses, routes, daemons); "
+        "refused while the controller runs",
+    )
+    p.add_argument("--policy", required=True, metavar="FILE", help=POLICY_HELP)
+    p.add_argument("--state", default=DEFAULT_STATE, metavar="DIR", help=STATE_HELP)
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+
+    def handler(args: argparse.Namespace) -> int:
+        from controller.flush import flush_command
+
+        return flush_command(args.policy, args.state, yes=args.yes, as_json=args.json)
+
+    p.set_defaults(handler=handler)
 
 
 def _lab(sub: argparse._SubParsersAction) -> None:

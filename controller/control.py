@@ -91,25 +91,39 @@ def request(state_dir: str | Path, cmd: str, timeout: float = 5.0, **args: objec
     return json.loads(data)
 
 
-def _ask(state_dir: str, prog: str, *cmds: str) -> list[dict] | None:
-    """The replies to `cmds`, or None after one line on stderr saying why not."""
+def unreachable(state_dir: str | Path, e: Exception) -> str:
+    """Why a request to the control socket got no answer, in an operator's words."""
+    path = Path(state_dir) / SOCKET_NAME
+    if isinstance(e, FileNotFoundError | ConnectionRefusedError):
+        return f"no controller is running with state {state_dir} ({path} does not answer)"
+    if isinstance(e, PermissionError):
+        return f"{path}: permission denied (the control socket is root's: run as root)"
+    if isinstance(e, OSError):
+        return f"{path}: {e.strerror or e}"
+    return f"{path}: not a dom0 controller's answer ({e})"
+
+
+def failed(prog: str, error: str, *, as_json: bool) -> int:
+    """A request that failed at run time: one line on stderr, and with --json
+    the same as an object on stdout, so that a script always gets JSON."""
+    if as_json:
+        print(json.dumps({"ok": False, "error": error}))
+    print(f"{prog}: {error}", file=sys.stderr)
+    return 1
+
+
+def _ask(state_dir: str, *cmds: str) -> list[dict] | str:
+    """The replies to `cmds`, or why there are none."""
     try:
         return [request(state_dir, cmd) for cmd in cmds]
-    except (FileNotFoundError, ConnectionRefusedError):
-        print(
-            f"{prog}: no controller is running with state {state_dir} "
-            f"({Path(state_dir) / SOCKET_NAME} does not answer)",
-            file=sys.stderr,
-        )
     except (OSError, ValueError) as e:
-        print(f"{prog}: {state_dir}: {e}", file=sys.stderr)
-    return None
+        return unreachable(state_dir, e)
 
 
 def status_command(state_dir: str, *, as_json: bool = False) -> int:
-    replies = _ask(state_dir, "dom0 status", "status")
-    if replies is None:
-        return 1
+    replies = _ask(state_dir, "status")
+    if isinstance(replies, str):
+        return failed("dom0 status", replies, as_json=as_json)
     (reply,) = replies
     if as_json:
         print(json.dumps(reply, indent=2))
@@ -123,9 +137,9 @@ def status_command(state_dir: str, *, as_json: bool = False) -> int:
 def ask_command(state_dir: str, cmd: str, *, as_json: bool = False) -> int:
     """`dom0 reload` / `dom0 resync`: queue the request; the generation in
     `dom0 status --json` passes the one printed here once it is done."""
-    replies = _ask(state_dir, f"dom0 {cmd}", "status", cmd)
-    if replies is None:
-        return 1
+    replies = _ask(state_dir, "status", cmd)
+    if isinstance(replies, str):
+        return failed(f"dom0 {cmd}", replies, as_json=as_json)
     status, reply = replies
     reply = {**reply, "generation_before": status.get("generation")}
     if as_json:
@@ -135,3 +149,21 @@ def ask_command(state_dir: str, cmd: str, *, as_json: bool = False) -> int:
     else:
         print(f"dom0 {cmd}: {reply.get('error')}", file=sys.stderr)
     return 0 if reply.get("ok") else 1
+
+
+def renew_command(state_dir: str, name: str, *, as_json: bool = False) -> int:
+    """`dom0 machine renew NAME`: the controller flaps the carrier of the
+    machine's port, so that a DHCP client that watches carrier re-acquires."""
+    try:
+        reply = request(state_dir, "renew", name=name)
+    except (OSError, ValueError) as e:
+        reply = {"ok": False, "error": unreachable(state_dir, e)}
+    if as_json:
+        print(json.dumps(reply))
+    elif reply.get("ok"):
+        print(f"{reply['name']}: carrier of port {reply['port']} flapped; it re-acquires now")
+    else:
+        print(f"dom0 machine renew: {reply.get('error')}", file=sys.stderr)
+    if reply.get("ok"):
+        return 0
+    return 2 if reply.get("usage") else 1

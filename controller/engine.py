@@ -35,6 +35,7 @@ from controller.api import handlers, status
 from controller.core import inventory as inv
 from controller.core.leases import Leases
 from controller.drivers.addresses import Addresses, enable_forwarding
+from controller.drivers.carrier import Carrier, CarrierError
 from controller.drivers.dhcp import Dnsmasq
 from controller.drivers.nft import Nft
 from controller.drivers.tunnels import Tunnels
@@ -44,6 +45,7 @@ from controller.policy.model import Policy
 from controller.reconcile import Reconciler
 from controller.sources import leases
 from controller.sources.netlink import NetlinkSource
+from controller.store import StoreError
 
 log = logging.getLogger("dom0")
 
@@ -68,6 +70,11 @@ class CheckKillswitch:
 Item = inv.Event | Leases | Reload | Resync | CheckKillswitch
 KILLSWITCH_CHECK = 5.0  # seconds, at most (and at most half the resync period)
 RETRY = 1.0  # seconds between a driver's failure and the sync that retries it
+# A renewal's carrier stays down this long (seconds) after dnsmasq holds the
+# new reservation: a client sees the loss (and dnsmasq has read the file) before
+# it comes back; RENEW_WAIT_MAX bounds the wait for a restarting dnsmasq.
+RENEW_DOWN = 0.2
+RENEW_WAIT_MAX = 3.0
 
 
 class Controller:
@@ -78,6 +85,9 @@ class Controller:
         self.resync_every = resync
         self.dnsmasq = Dnsmasq(state_dir)
         addresses = Addresses()
+        self.carrier = Carrier(addresses.ipr)
+        self.flapping: set[str] = set()  # ports whose carrier is down for a renewal now
+        self.nursery: trio.Nursery | None = None
         self.reconciler = Reconciler(
             policy,
             state_dir,
@@ -85,6 +95,7 @@ class Controller:
             addresses=addresses,
             dnsmasq=self.dnsmasq,
             tunnels=Tunnels(_wireguard(state_dir), addresses.ipr, state_dir),
+            renew=self._renew,
         )
         self.last_policy_error: str | None = None
         self.send, self.recv = trio.open_memory_channel[Item](10_000)
@@ -95,6 +106,7 @@ class Controller:
         # the tunnel from here on.
         self.reconciler.early()
         async with trio.open_nursery() as nursery:
+            self.nursery = nursery
             nursery.start_soon(self._signals, nursery.cancel_scope)
             nursery.start_soon(self.dnsmasq.run)
             netlink = NetlinkSource()
@@ -130,6 +142,27 @@ class Controller:
                     rec.failed(str(e))
                     await trio.sleep(1)  # (not a busy loop against a broken kernel)
                     await self.send.send(Resync("after a failure"))
+
+    def _renew(self, mac: str, port: str) -> None:
+        if self.nursery is not None and port not in self.flapping:
+            self.flapping.add(port)
+            self.nursery.start_soon(self._flap, mac, port)
+
+    async def _flap(self, mac: str, port: str) -> None:
+        """Carrier down, then up once dnsmasq holds the machine's new
+        reservation (it reads rewritten files by inotify, or restarts)."""
+        try:
+            if not self.carrier.down(port):
+                log.info("renew %s: port %s is administratively down: left alone", mac, port)
+                return
+            with trio.move_on_after(RENEW_WAIT_MAX):
+                await self.dnsmasq.settled()
+            await trio.sleep(RENEW_DOWN)
+            self.carrier.up(port)
+        except CarrierError as e:
+            log.warning("renew %s: %s", mac, e)
+        finally:
+            self.flapping.discard(port)
 
     async def _resync_timer(self, netlink: NetlinkSource) -> None:
         """Every period, whatever else happens: a fresh netlink dump, then a
@@ -226,9 +259,11 @@ class Controller:
                 policy=str(self.policy_path),
                 last_policy_error=self.last_policy_error,
                 dnsmasq_pid=self.dnsmasq.pid,
+                dnsmasq_reloads=self.dnsmasq.reloads,
             ),
             post=post,
             export=lambda name: handlers.wg_export(self.reconciler, self.state_dir, name),
+            renew=lambda name: handlers.renew(self.reconciler, name),
         )
 
 
@@ -268,14 +303,26 @@ def run_command(policy_file: str, state_dir: str, log_level: str, resync: float)
     if resync <= 0:
         print("dom0 run: --resync: must be a positive number of seconds", file=sys.stderr)
         return 2
+    from controller.cli import net_admin_problem
+
+    if problem := net_admin_problem("dom0 run"):
+        print(problem, file=sys.stderr)
+        return 1
     state = Path(state_dir)
-    state.mkdir(parents=True, exist_ok=True)
-    # 0711: dnsmasq, unprivileged, must reach dhcp/ inside; nothing is listable
-    os.chmod(state, 0o711)
+    if state.exists() and not state.is_dir():
+        print(f"dom0 run: --state {state_dir}: not a directory, expected one", file=sys.stderr)
+        return 2
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        # 0711: dnsmasq, unprivileged, must reach dhcp/ inside; nothing is listable
+        os.chmod(state, 0o711)
+    except OSError as e:
+        print(f"dom0 run: state directory {state_dir}: {e.strerror or e}", file=sys.stderr)
+        return 1
     try:
         enable_forwarding()
         controller = Controller(Path(policy_file), policy, state, resync)
-    except OSError as e:
+    except (OSError, StoreError) as e:
         print(f"dom0 run: {e}", file=sys.stderr)
         return 1
     trio.run(controller.run)

@@ -19,12 +19,24 @@ def killswitch_command(policy_file: str, *, check: bool = False) -> int:
         return 2
     ks = policy_state(policy, ()).killswitch
     if ks is None:
-        print(f"dom0 killswitch: {policy_file} has no [uplink]: no kill switch to load")
+        # exit 0: a policy without an uplink has no kill switch, by design
+        what = "check" if check else "load"
+        print(f"dom0 killswitch: no [uplink] in {policy_file}: no kill switch to {what}")
         return 0
+    from controller.cli import net_admin_problem
+
+    if problem := net_admin_problem("dom0 killswitch"):
+        print(problem, file=sys.stderr)
+        return 1
     from controller.drivers.nft import KILLSWITCH_TABLE, Nft, NftError
 
-    nft = Nft()
-    if nft.killswitch_matches(ks):
+    try:
+        nft = Nft()
+        matches = nft.killswitch_matches(ks)
+    except NftError as e:
+        print(f"dom0 killswitch: cannot read nftables: {e}", file=sys.stderr)
+        return 1
+    if matches:
         print(f"dom0 killswitch: table inet {KILLSWITCH_TABLE} already in place")
         return 0
     if check:

@@ -10,6 +10,7 @@ plan between the two — what the next sync would apply. Changes nothing.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,18 +67,42 @@ def _dataplane(state: Path) -> DataPlane:
     )
 
 
+def _open_store(state: Path) -> Store | None:
+    """The store to plan from, read-only; None (said on stderr) when there is
+    none yet: planning a fresh host is legitimate, but never silently, since
+    a mistyped --state would otherwise look like a host that knows nothing."""
+    try:
+        is_dir = state.is_dir()
+        present = (state / "state.sqlite").exists()
+    except OSError as e:
+        raise StoreError(f"{state}: {e.strerror or e} (the state is root's: run as root)") from e
+    if state.exists() and not is_dir:
+        raise StoreError(f"--state {state}: not a directory, expected the state directory")
+    if is_dir and not os.access(state, os.R_OK | os.X_OK):
+        raise StoreError(f"{state}: permission denied (the state is root's: run as root)")
+    if not present:
+        where = "no state" if not is_dir else "no state store"
+        print(f"dom0 plan: {where} at {state}: planning as for a fresh host", file=sys.stderr)
+        return None
+    return Store(state, readonly=True)
+
+
 def plan_command(policy_file: str, state_dir: str, *, as_json: bool = False) -> int:
     policy = load_or_report(policy_file, "dom0 plan")
     if policy is None:
         return 2
+    from controller.cli import net_admin_problem
+
+    # what the plan compares with (nftables above all) is root's to read
+    if problem := net_admin_problem("dom0 plan"):
+        print(problem, file=sys.stderr)
+        return 1
     state = Path(state_dir)
-    store: Store | None = None
-    if (state / "state.sqlite").exists():
-        try:
-            store = Store(state_dir, readonly=True)
-        except (StoreError, OSError) as e:
-            print(f"dom0 plan: {state_dir}: {e}", file=sys.stderr)
-            return 1
+    try:
+        store = _open_store(state)
+    except StoreError as e:
+        print(f"dom0 plan: {e}", file=sys.stderr)
+        return 2
     from controller.drivers.machine_keys import MachineKeys
 
     ledger = Ledger(store.allocations() if store else ())

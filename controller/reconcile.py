@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from controller.core.desired import (
     policy_state,
     port_of,
 )
-from controller.core.leases import Leases
+from controller.core.leases import Leases, stale_leases
 from controller.core.plan import Flat, Plan, flatten, plan, plan_machines
 from controller.dataplane import AddressDriver, DataPlane, NftDriver, TunnelDriver
 from controller.dataplane import Outcome as Applied
@@ -76,6 +76,7 @@ class Stats:
     repairs: int = 0  # changes a repairing resync (periodic or asked for) found: drift
     last_repair: list[str] = field(default_factory=list)  # what the latest repair changed
     generation: int = 0  # bumped after every applied reconcile and every reload outcome
+    renewals: int = 0  # carrier flaps: machines re-addressed at once (moves, `machine renew`)
     last_error: str | None = None
     last_reconcile: float | None = None
     started: float = field(default_factory=time.time)
@@ -129,6 +130,7 @@ class Reconciler:
         tunnels: TunnelDriver | None = None,
         keys: MachineKeys | None = None,
         clock: Callable[[], float] = time.time,
+        renew: Callable[[str, str], None] | None = None,
     ) -> None:
         self.policy = policy
         self.state_dir = state_dir
@@ -158,6 +160,9 @@ class Reconciler:
         self.repairing = False  # the pending full sync was asked for to repair: changes are drift
         self.needs_retry = False  # a driver failed: sync again after a moment
         self.stats = Stats()
+        # renew(mac, port): flap the port's carrier (the engine's; None: nobody to flap)
+        self.renew_port = renew
+        self.renewed: dict[str, str] = {}  # MAC -> the reservation it was last renewed for
 
     # -- observing -------------------------------------------------------------
     def observe(self, event: inv.Event | Leases) -> None:
@@ -261,6 +266,7 @@ class Reconciler:
         """Decide `macs`, create the tunnel keys the decisions ask for, commit
         the allocations; the machines' desired states."""
         self.inventory = inv.inventory(self.tables, self.policy.bridge)
+        self.ledger.avoid = self.hosts.burnt
         d = decide_many(
             self.policy, self.inventory, self.ledger, macs, now, self.keys.public(), self.leased
         )
@@ -307,13 +313,25 @@ class Reconciler:
             )
         if out.new and out.put:
             a = out.put[0]
-            log.info(
-                "machine %s on %s: %s %s",
-                mac,
-                a.port,
-                fqdn_of(self.policy, a),
-                a.address or "(no address)",
-            )
+            if a.rule == QUARANTINE:
+                log.warning(
+                    "machine %s on %s: QUARANTINED, no rule matches it: %s %s "
+                    "(it reaches only dom0's DHCP)",
+                    mac,
+                    a.port,
+                    fqdn_of(self.policy, a),
+                    a.address or "(no address)",
+                )
+            else:
+                log.info(
+                    "machine %s on %s: admitted by rule %s into %s: %s %s",
+                    mac,
+                    a.port,
+                    a.rule,
+                    a.domain,
+                    fqdn_of(self.policy, a),
+                    a.address or "(no address)",
+                )
         for r in out.released:
             if out.took_over is not None and r.mac == out.took_over.mac:
                 continue
@@ -358,6 +376,7 @@ class Reconciler:
                 return
             for mac, state in desired.items():
                 self._set_applied(mac, state)
+            self._readdress(desired)
         self.bump()
 
     def _set_applied(self, mac: str, state: MachineState | None) -> None:
@@ -450,6 +469,42 @@ class Reconciler:
         for mac, m in machines.items():
             self._set_applied(mac, m)
         self.applied_policy = pstate
+        self._readdress(machines)
+
+    def _readdress(self, states: Mapping[str, MachineState | None]) -> None:
+        """Machines of `states` that hold a lease for an address they no
+        longer have (moved to another domain, re-slotted): flap their port's
+        carrier so that they ask again now, not when their lease is half over.
+        Their old address is closed to them already (source policing)."""
+        reserved = {}
+        for mac, m in states.items():
+            a = self.ledger.get(mac)
+            if m is None or m.dhcp is None or a is None or a.absent_since is not None:
+                self.renewed.pop(mac, None)
+                continue
+            if self.leased.get(mac) == m.dhcp.address:
+                self.renewed.pop(mac, None)  # done: it holds its reservation
+                continue
+            reserved[mac] = (a.port, m.dhcp.address)
+        for mac, port, address in stale_leases(reserved, self.leased, self.renewed):
+            self.renewed[mac] = address
+            log.info(
+                "machine %s on %s: its lease is for %s, its address now %s: renewing it "
+                "(carrier flap)",
+                mac,
+                port,
+                self.leased.get(mac),
+                address,
+            )
+            self.renew(mac, port)
+
+    def renew(self, mac: str, port: str) -> bool:
+        """Flap `port`'s carrier for machine `mac` (False: nobody to do it)."""
+        if self.renew_port is None:
+            return False
+        self.stats.renewals += 1
+        self.renew_port(mac, port)
+        return True
 
     # -- reporting -------------------------------------------------------------
     def find(self, name: str) -> Allocation | None:

@@ -66,10 +66,23 @@ class Store:
     def __init__(self, state_dir: str | Path, *, readonly: bool = False) -> None:
         self.dir = Path(state_dir)
         self.path = self.dir / "state.sqlite"
+        try:
+            self._open(readonly)
+        except sqlite3.Error as e:
+            # sqlite's own words ("unable to open database file") name no file
+            # and no cause; a directory we cannot enter is the usual one.
+            raise StoreError(
+                f"{self.path}: cannot open the state store: {_why(self.dir, e)}"
+            ) from e
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot open the state store: {e.strerror or e}") from e
+
+    def _open(self, readonly: bool) -> None:
         if readonly:
             if not self.path.exists():
                 raise StoreError(f"{self.path}: no state store here")
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()  # opens it
         else:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             fresh = not self.path.exists()
@@ -151,6 +164,14 @@ class Store:
                     for a in put
                 ],
             )
+
+
+def _why(directory: Path, e: sqlite3.Error) -> str:
+    if not os.access(directory, os.R_OK | os.W_OK | os.X_OK) or not os.access(
+        directory / "state.sqlite", os.R_OK
+    ):
+        return "permission denied (the state is root's: run as root)"
+    return str(e)
 
 
 class _transaction:

@@ -64,13 +64,11 @@ def parse(text: str) -> dict[str, dict[str, str]]:
 def export_command(state_dir: str, name: str, *, as_json: bool = False) -> int:
     try:
         reply = control.request(state_dir, "wg-export", name=name)
-    except (FileNotFoundError, ConnectionRefusedError):
-        print(f"dom0 wg export: no controller is running with state {state_dir}", file=sys.stderr)
-        return 1
     except (OSError, ValueError) as e:
-        print(f"dom0 wg export: {state_dir}: {e}", file=sys.stderr)
-        return 1
+        return control.failed("dom0 wg export", control.unreachable(state_dir, e), as_json=as_json)
     if not reply.get("ok"):
+        if as_json:
+            print(json.dumps(reply))
         print(f"dom0 wg export: {reply.get('error')}", file=sys.stderr)
         return 2 if reply.get("usage") else 1
     if as_json:

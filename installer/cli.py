@@ -10,13 +10,23 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn, TextIO
+from typing import Any, NoReturn, TextIO
 
 from installer.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, ConfigError, UsageError
 
+EXIT_CODES = (
+    "exit codes: 0 ok; 1 a step failed (apply) or a check failed (validate); "
+    "2 bad input (argument, config, state)"
+)
+
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit code 2."""
+    """argparse, but a usage error is one line and exit code 2, and every
+    help ends with the exit codes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("epilog", EXIT_CODES)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
@@ -39,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("apply", help="carry out the plan, with checkpoints (see --resume)")
     a.add_argument("--config", required=True, metavar="FILE", help="install.toml")
     a.add_argument("--resume", action="store_true", help="continue a run that stopped")
-    a.add_argument("--state", metavar="FILE", help="state file (default WORK_DIR/state.json)")
+    a.add_argument(
+        "--state",
+        metavar="DIR",
+        help="directory of the run's state file, DIR/state.json (default: install.work_dir)",
+    )
     a.add_argument("--log", metavar="FILE", help="log file (default WORK_DIR/install.log)")
     a.add_argument(
         "--passphrase-file",
@@ -104,6 +118,20 @@ def validate_command(config_path: str, root: str, *, as_json: bool) -> int:
     return EXIT_OK if all(r.status != "fail" for r in results) else EXIT_FAIL
 
 
+STATE_FILE = "state.json"
+
+
+def _state_dir(path: str) -> str:
+    """--state names a directory, as every other --state of dom0 does; the
+    directory is made (0700) with the state file when the run starts."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(
+            f"--state {path}: not a directory, expected the directory to keep "
+            f"{STATE_FILE} in (e.g. --state {os.path.dirname(path) or '.'})"
+        )
+    return path
+
+
 def apply_command(args: argparse.Namespace) -> int:
     from installer.execute import Executor, Secrets, confirm
     from installer.plan import build_plan
@@ -111,13 +139,16 @@ def apply_command(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     plan = build_plan(cfg)
     work = cfg.install.work_dir
-    state = args.state or os.path.join(work, "state.json")
+    state = os.path.join(_state_dir(args.state) if args.state else work, STATE_FILE)
     log = args.log or os.path.join(work, "install.log")
     if args.passphrase_file and not os.path.isfile(args.passphrase_file):
         raise UsageError(f"--passphrase-file {args.passphrase_file}: no such file")
-    if not args.resume and not args.yes and not confirm(cfg):
-        print("dom0 install: not confirmed; nothing was changed", file=sys.stderr)
-        return EXIT_USAGE
+    if not args.resume and not args.yes:
+        if not sys.stdin.isatty():  # no one to ask: one line, as for any bad input
+            raise UsageError("apply changes disks and no terminal can confirm: pass --yes")
+        if not confirm(cfg):
+            print("dom0 install: not confirmed; nothing was changed", file=sys.stderr)
+            return EXIT_USAGE
     secrets = Secrets(cfg.secrets(), passphrase_file=args.passphrase_file)
     ex = Executor(
         cfg,

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.toml import REQUIRED, Checker, join, kind
-from installer import profiles
+from common.toml import REQUIRED, Checker, join, kind, nth
+from installer import identity, profiles
 from installer.errors import ConfigError
 from installer.takeover import readable, ssh_handover_problem
 
@@ -33,6 +33,23 @@ RELENG_FINGERPRINT = "13EBBDBEDE7A12775DFDB1BABB572E0E2D182910"
 SNAPSHOT_FINGERPRINT = "DCD05B71EAB94199527F44ACDB6B8C1F96D8BF6D"
 DEFAULT_KEYRING = "/usr/share/openpgp-keys/gentoo-release.asc"
 DEFAULT_MIRROR = "https://distfiles.gentoo.org"
+
+# ZFSBootMenu, pinned: the v3.1.0 release image (EFI, Linux 6.6 LTS inside).
+# The checksum is the one other installers pin for this asset (see
+# docs/installer.md); a mismatch stops the fetch, nothing unverified is used.
+DEFAULT_ZBM_URL = (
+    "https://github.com/zbm-dev/zfsbootmenu/releases/download/v3.1.0/"
+    "zfsbootmenu-release-x86_64-v3.1.0-linux6.6.EFI"
+)
+DEFAULT_ZBM_SHA256 = "d4a67012f03659c91a1f227aa6739b4b41bd5c7d0bd64e89aa7358bf08826cfd"
+
+# Upper bounds that no real machine reaches: a size above one is a typo
+# ("64T" for "64G"), refused before it reaches sgdisk or zram.
+MAX_ESP = 64 * 1024**3
+MAX_SWAP = 1024**4
+MAX_ARC = 64 * 1024**4
+# The least a disk must leave for the pool (the system, its packages, some VMs).
+MIN_POOL = 8 * 1024**3
 
 
 # ---------------------------------------------------------------- sections
@@ -147,8 +164,8 @@ class Zfs:
 @dataclass(frozen=True)
 class Bootloader:
     kind: str = "zfsbootmenu"  # "zfsbootmenu" | "none"
-    zbm_url: str = "https://get.zfsbootmenu.org/efi"
-    zbm_sha256: str | None = None
+    zbm_url: str = DEFAULT_ZBM_URL
+    zbm_sha256: str | None = DEFAULT_ZBM_SHA256
     commandline: str = "quiet loglevel=4"
 
 
@@ -306,7 +323,14 @@ class _Table:
             return default if default is not REQUIRED else None
         return value
 
-    def size(self, key: builtins.str, default: builtins.int, *, minimum: builtins.int) -> builtins.int:
+    def size(
+        self,
+        key: builtins.str,
+        default: builtins.int,
+        *,
+        minimum: builtins.int,
+        maximum: builtins.int,
+    ) -> builtins.int:
         self.seen.add(key)
         if key not in self.data:
             return default
@@ -318,6 +342,9 @@ class _Table:
         if parsed < minimum:
             self.problem(key, f"{raw!r} is too small, expected at least {format_size(minimum)}")
             return default
+        if parsed > maximum:
+            self.problem(key, f"{raw!r} is too large, expected at most {format_size(maximum)}")
+            return default
         return parsed
 
     def strs(self, key: builtins.str, default: Any = REQUIRED) -> Any:
@@ -327,7 +354,7 @@ class _Table:
         out = []
         for i, item in enumerate(value):
             if not isinstance(item, str):
-                self.problem(f"{key}[{i}]", self.checker.mistyped(item, "a string"))
+                self.problem(nth(key, i), self.checker.mistyped(item, "a string"))
             else:
                 out.append(item)
         return tuple(out)
@@ -341,9 +368,9 @@ class _Table:
         out = []
         for i, item in enumerate(value or []):
             if not isinstance(item, dict):
-                self.problem(f"{key}[{i}]", self.checker.mistyped(item, "a table"))
+                self.problem(nth(key, i), self.checker.mistyped(item, "a table"))
                 continue
-            out.append(_Table(item, f"{self.where(key)}[{i}]", self.checker))
+            out.append(_Table(item, nth(self.where(key), i), self.checker))
         return out
 
     def done(self) -> None:
@@ -565,11 +592,11 @@ class _Parser:
         devices = t.strs("devices")
         layout = t.str("layout", "single", choices=("single", "mirror"))
         wipe = t.bool("wipe", False)
-        esp = t.size("esp_size", 1 * GIB, minimum=256 * MIB)
+        esp = t.size("esp_size", 1 * GIB, minimum=256 * MIB, maximum=MAX_ESP)
         t.done()
         for i, dev in enumerate(devices or ()):
             if not dev.startswith("/") or posixpath.normpath(dev) != dev:
-                t.problem(f"devices[{i}]", f"{dev!r} is not an absolute device path")
+                t.problem(nth("devices", i), f"{dev!r} is not an absolute device path")
         if devices is not None and len(set(devices)) != len(devices):
             t.problem("devices", "lists the same device twice")
         if layout == "single" and devices is not None and len(devices) != 1:
@@ -682,12 +709,12 @@ class _Parser:
             groups = t.strs("groups", ("wheel",))
             for i, g in enumerate(groups):
                 if not _USER.fullmatch(g):
-                    t.problem(f"groups[{i}]", f"{g!r} is not a group name")
+                    t.problem(nth("groups", i), f"{g!r} is not a group name")
             keys = t.strs("ssh_keys", ())
             for i, k in enumerate(keys):
                 if not _SSH_KEY.fullmatch(k):
                     t.problem(
-                        f"ssh_keys[{i}]",
+                        nth("ssh_keys", i),
                         "not an OpenSSH public key, expected 'ssh-ed25519 AAAA... comment'",
                     )
             pw = t.str("password_hash", None)
@@ -718,7 +745,7 @@ class _Parser:
         for i, f in enumerate(fprs):
             c = f.replace(" ", "").upper()
             if not _FPR.fullmatch(c):
-                t.problem(f"fingerprints[{i}]", "expected a 40-digit OpenPGP fingerprint")
+                t.problem(nth("fingerprints", i), "expected a 40-digit OpenPGP fingerprint")
             else:
                 clean.append(c)
         if not fprs:
@@ -742,7 +769,9 @@ class _Parser:
         packages = t.strs("packages", ())
         for i, atom in enumerate(packages):
             if not _ATOM.fullmatch(atom):
-                t.problem(f"packages[{i}]", f"{atom!r} is not a package atom like 'app-misc/tmux'")
+                t.problem(
+                    nth("packages", i), f"{atom!r} is not a package atom like 'app-misc/tmux'"
+                )
         stage3 = self.source(t.table("stage3"), RELENG_FINGERPRINT, None)
         snapshot = self.source(t.table("snapshot"), SNAPSHOT_FINGERPRINT, None)
         t.done()
@@ -822,7 +851,7 @@ class _Parser:
         return Kernel(pkg or d.package, series or d.series)
 
     def zfs(self, t: _Table) -> Zfs:
-        arc = t.size("arc_max", Zfs().arc_max, minimum=64 * MIB)
+        arc = t.size("arc_max", Zfs().arc_max, minimum=64 * MIB, maximum=MAX_ARC)
         t.done()
         return Zfs(arc)
 
@@ -832,7 +861,9 @@ class _Parser:
         url = t.str("zbm_url", d.zbm_url)
         if url and not _URL.fullmatch(url):
             t.problem("zbm_url", f"{url!r} is not a URL")
-        sha = t.str("zbm_sha256", None)
+        # The default image comes with its pin; an image of your own is
+        # pinned only if you say how (the plan notes an unpinned one).
+        sha = t.str("zbm_sha256", d.zbm_sha256 if url == d.zbm_url else None)
         if sha == "":
             sha = None
         if sha is not None and not _SHA256.fullmatch(sha):
@@ -846,7 +877,7 @@ class _Parser:
     def swap(self, t: _Table) -> Swap:
         d = Swap()
         mode = t.str("mode", d.mode, choices=("zram", "partition", "zvol", "none"))
-        size = t.size("size", d.size, minimum=64 * MIB)
+        size = t.size("size", d.size, minimum=64 * MIB, maximum=MAX_SWAP)
         accept = t.bool("accept_zvol_swap_risk", False)
         t.done()
         if mode == "zvol" and not accept:
@@ -867,7 +898,7 @@ class _Parser:
             try:
                 clean.append(str(ipaddress.ip_network(s, strict=True)))
             except ValueError as e:
-                t.problem(f"ssh_sources[{i}]", f"{s!r}: {e}, expected a network like 10.0.0.0/8")
+                t.problem(nth("ssh_sources", i), f"{s!r}: {e}, expected a network like 10.0.0.0/8")
         ping = t.bool("allow_ping", True)
         dhcp = t.bool("allow_dhcp", True)
         t.done()
@@ -897,7 +928,12 @@ class _Parser:
         wheel = self.path(t, "wheel", None)
         package = t.str("package", None)
         venv = t.str("venv", "/opt/dom0")
-        _check_system_path(t, "venv", venv)
+        if venv is not None and venv != "/opt/dom0":
+            t.problem(
+                "venv",
+                f"{venv!r} is not supported, expected /opt/dom0 (the shipped service "
+                "files run /opt/dom0/bin/dom0; see docs/operations.md)",
+            )
         state = t.str("state_dir", "/var/lib/dom0")
         _check_system_path(t, "state_dir", state)
         t.done()
@@ -916,6 +952,31 @@ class _Parser:
         return Dom0(policy, wheel, package, venv or "/opt/dom0", state or "/var/lib/dom0")
 
     # -- rules spanning sections
+
+    def disks_fit(self, disks: Disks, swap: Swap) -> None:
+        """The partitions fit each disk that is there to measure (like the
+        policy file, a disk is read when it can be; `plan` on another machine
+        checks only the fixed bounds)."""
+        for dev in disks.devices:
+            size = identity.device_size(dev)
+            if size is None:
+                continue
+            pool = size - disks.esp_size - 2 * MIB  # GPT and alignment
+            parts = [f"esp_size {format_size(disks.esp_size)}"]
+            if swap.mode == "partition":
+                pool -= swap.size
+                parts.append(f"a {format_size(swap.size)} swap partition")
+            need_pool = MIN_POOL + (swap.size if swap.mode == "zvol" else 0)
+            if swap.mode == "zvol":
+                parts.append(f"a {format_size(swap.size)} swap zvol")
+            if pool < need_pool:
+                where = "swap.size" if swap.mode in ("partition", "zvol") else "disks.esp_size"
+                self.top.checker.bad(
+                    where,
+                    f"does not fit {dev} ({identity.human_size(size)}): {' + '.join(parts)} + "
+                    f"{format_size(MIN_POOL)} for the system need more, expected smaller sizes "
+                    "or a bigger disk",
+                )
 
     def cross_checks(self, p: dict[str, Any]) -> None:
         bad = self.top.checker.bad
@@ -937,6 +998,7 @@ class _Parser:
                 why = ssh_handover_problem(text, dom0_cfg.policy, firewall.ssh_sources, sshd.port)
                 if why:
                     bad("dom0.policy", why)
+        self.disks_fit(p["disks"], p["swap"])
         vm: VmDataset = p["datasets"].vm
         if vm.enabled and p["datasets"].home and vm.mountpoint == "/home":
             bad("datasets.vm.mountpoint", "collides with the home dataset")

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from installer import disks, stage, validate
+from installer import disks, identity, stage, validate
 from installer.config import Config
 from installer.errors import InstallError, UsageError
 from installer.ops import (
@@ -54,6 +54,7 @@ from installer.ops import (
     PathExists,
     Plan,
     Probe,
+    RemoveFile,
     RequireFiles,
     RequireTools,
     Run,
@@ -192,7 +193,9 @@ def confirm(cfg: Config, stream: TextIO = sys.stdin) -> bool:
         print("dom0 install: apply changes disks; pass --yes to confirm", file=sys.stderr)
         return False
     verb = "ERASE and partition" if cfg.disks.wipe else "partition"
-    print(f"This will {verb}: {', '.join(cfg.disks.devices)}")
+    print(f"This will {verb}:")
+    for dev in cfg.disks.devices:
+        print(f"  {identity.identify(dev).describe()}")
     return input("Type 'yes' to continue: ").strip() == "yes"
 
 
@@ -529,6 +532,21 @@ class Executor:
         if op.secret:
             self.secrets.add(f"file:{op.src}", data.decode("utf-8", "replace").strip())
         self._write(op.dest, data, op.mode)
+
+    def _do_RemoveFile(self, op: RemoveFile) -> None:
+        real = self.host(op.path)
+        try:
+            fd = os.open(real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            # Zeros over the bytes first: on a disk that rewrites in place the
+            # passphrase does not outlive the file (flash may keep a copy).
+            os.write(fd, b"\0" * os.fstat(fd).st_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(real)
 
     def _do_MakeDir(self, op: MakeDir) -> None:
         real = self.host(op.path)

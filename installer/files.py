@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 
+from installer import shipped
 from installer.config import MIB, Config, format_size
 
 HEADER = "# Written by `dom0 install`; see docs/installer.md.\n"
@@ -164,6 +165,8 @@ def packages_host(cfg: Config) -> tuple[str, ...]:
     ]
     if cfg.network.dhcp:
         pkgs.append("net-misc/dhcpcd")
+    if cfg.init == "openrc":
+        pkgs.append("app-admin/logrotate")  # rotates /var/log/dom0.log (systemd: journal)
     if cfg.swap.mode == "zram":
         pkgs.append("sys-block/zram-init" if cfg.init == "openrc" else "sys-apps/zram-generator")
     if cfg.swap.mode == "partition" and cfg.encrypted:
@@ -482,7 +485,7 @@ def killswitch_boot(cfg: Config) -> str:
     starts, and takes the baseline over."""
     return (
         f"/usr/sbin/nft -f {BASELINE_PATH} && "
-        f"{cfg.dom0.venv}/bin/dom0 killswitch --policy {POLICY_PATH}"
+        f"{DOM0_VENV}/bin/dom0 killswitch --policy {POLICY_PATH}"
     )
 
 
@@ -568,48 +571,52 @@ def display_manager_conf() -> str:
 # ---------------------------------------------------------------- dom0 itself
 
 POLICY_PATH = "/etc/dom0/policy.toml"
+# The shipped service files run this venv's dom0 (an init system cannot take
+# the program itself from a variable), so the installer accepts no other.
+DOM0_VENV = "/opt/dom0"
+DOM0_LOG = "/var/log/dom0.log"
 
 
 def dom0_command(cfg: Config) -> str:
-    return f"{cfg.dom0.venv}/bin/dom0 run --policy {POLICY_PATH} --state {cfg.dom0.state_dir}"
+    return f"{DOM0_VENV}/bin/dom0 run --policy {POLICY_PATH} --state {cfg.dom0.state_dir}"
+
+
+def dom0_settings(cfg: Config) -> tuple[str, str, int]:
+    """The small file the shipped service reads its paths from. With the
+    default config it is exactly the example shipped next to the service."""
+    if cfg.init == "openrc":
+        return (
+            "/etc/conf.d/dom0",
+            "# /etc/conf.d/dom0: read by /etc/init.d/dom0. Written by `dom0 install`.\n"
+            f'dom0_policy="{POLICY_PATH}"\n'
+            f'dom0_state="{cfg.dom0.state_dir}"\n'
+            f'dom0_log="{DOM0_LOG}"\n',
+            0o644,
+        )
+    return (
+        "/etc/dom0/dom0.env",
+        "# /etc/dom0/dom0.env: read by dom0.service. Written by `dom0 install`.\n"
+        f"DOM0_POLICY={POLICY_PATH}\n"
+        f"DOM0_STATE={cfg.dom0.state_dir}\n",
+        0o644,
+    )
 
 
 def dom0_service(cfg: Config) -> tuple[str, str, int]:
+    """The shipped unit or init script (init/), unchanged."""
     if cfg.init == "openrc":
-        return (
-            "/etc/init.d/dom0",
-            "#!/sbin/openrc-run\n" + HEADER + 'description="dom0 network controller"\n'
-            f'command="{cfg.dom0.venv}/bin/dom0"\n'
-            f'command_args="run --policy {POLICY_PATH} --state {cfg.dom0.state_dir}"\n'
-            "command_background=true\n"
-            'pidfile="/run/dom0.pid"\n'
-            'output_log="/var/log/dom0.log"\n'
-            'error_log="/var/log/dom0.log"\n\n'
-            "depend() {\n"
-            "\tneed localmount\n"
-            "\tafter dom0-firewall zfs-mount\n"
-            "\tbefore libvirtd\n"
-            "\tuse net\n"
-            "}\n\n"
-            "start_pre() {\n"
-            f"\tcheckpath --directory --mode 0700 {cfg.dom0.state_dir}\n"
-            "}\n",
-            0o755,
-        )
-    return (
-        "/etc/systemd/system/dom0.service",
-        HEADER + "[Unit]\n"
-        "Description=dom0 network controller\n"
-        "After=dom0-firewall.service zfs-mount.service network-pre.target\n"
-        "Wants=network-pre.target\n"
-        "Before=libvirtd.service\n\n"
-        "[Service]\n"
-        f"ExecStart={dom0_command(cfg)}\n"
-        "Restart=on-failure\n\n"
-        "[Install]\n"
-        "WantedBy=multi-user.target\n",
-        0o644,
-    )
+        return "/etc/init.d/dom0", shipped.read(shipped.OPENRC_SCRIPT), 0o755
+    return "/etc/systemd/system/dom0.service", shipped.read(shipped.SYSTEMD_UNIT), 0o644
+
+
+def dom0_files(cfg: Config) -> list[tuple[str, str, int]]:
+    """Every file of dom0's service, in the order they are written: its
+    settings, the service itself and, under OpenRC (which writes the log to
+    a file, not a journal), the log rotation."""
+    out = [dom0_settings(cfg), dom0_service(cfg)]
+    if cfg.init == "openrc":
+        out.append(("/etc/logrotate.d/dom0", shipped.read(shipped.LOGROTATE), 0o644))
+    return out
 
 
 def sudoers_wheel() -> str:

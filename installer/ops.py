@@ -180,6 +180,19 @@ class WriteSecret(Op):
 
 
 @dataclass(frozen=True)
+class RemoveFile(Op):
+    """Overwrite a file of the live system with zeros, then remove it (a
+    passphrase that has served its purpose); already gone is fine."""
+
+    path: str = ""
+
+    kind: ClassVar[str] = "remove"
+
+    def describe(self) -> str:
+        return f"remove {self.path} (overwritten first)"
+
+
+@dataclass(frozen=True)
 class CopyFile(Op):
     """Copy a file of the live system into place (optionally checking its sha256)."""
 

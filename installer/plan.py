@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from installer import identity
 from installer.config import Config
 from installer.ops import Plan, Step
 from installer.steps import (
@@ -61,6 +62,9 @@ def _notes(cfg: Config) -> tuple[str, ...]:
         f"disks ({cfg.disks.layout}): {', '.join(cfg.disks.devices)}"
         + (" -- WIPED" if cfg.disks.wipe else ""),
     ]
+    for dev in cfg.disks.devices:
+        if identity.kernel_name(dev):
+            notes.append("warning: " + identity.kernel_name_warning(dev))
     if cfg.encrypted:
         src = cfg.pool.encryption.keysource
         notes.append(

@@ -1,17 +1,30 @@
 """Plans as text (for people) and JSON (for tools). Neither ever holds a secret:
-operations only name secrets, the executor fills them in."""
+operations only name secrets, the executor fills them in.
+
+Both also show what each disk is (model, size, serial), read from this
+machine when printed: it is not part of the plan or its digest, so a plan
+made elsewhere, or a disk that moved, does not change what is applied."""
 
 from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 
-from installer.ops import Op, Plan, Run, WriteFile
+from installer import identity
+from installer.ops import CheckDisk, Op, Plan, Run, WriteFile
+
+Identify = Callable[[str], identity.Disk]
 
 
-def plan_json(plan: Plan) -> str:
+def plan_disks(plan: Plan, identify: Identify = identity.identify) -> list[identity.Disk]:
+    return [identify(op.device) for _, op in plan.ops() if isinstance(op, CheckDisk)]
+
+
+def plan_json(plan: Plan, *, identify: Identify = identity.identify) -> str:
     data = plan.to_dict()
     data["digest"] = plan.digest()
+    data["disks"] = [d.to_dict() for d in plan_disks(plan, identify)]
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
@@ -25,7 +38,7 @@ def _guard_lines(op: Op) -> list[str]:
     return out
 
 
-def plan_text(plan: Plan, source: str = "") -> str:
+def plan_text(plan: Plan, source: str = "", *, identify: Identify = identity.identify) -> str:
     steps = plan.steps
     n_ops = sum(len(s.ops) for s in steps)
     width = len(str(len(steps)))
@@ -34,6 +47,7 @@ def plan_text(plan: Plan, source: str = "") -> str:
         + (f" (config {source})" if source else "")
     ]
     lines += [f"  note: {n}" for n in plan.notes]
+    lines += [f"  disk: {d.describe()}" for d in plan_disks(plan, identify)]
     lines.append(f"  digest: {plan.digest()}")
     for i, step in enumerate(steps, 1):
         session = "  [every run]" if step.session else ""

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
-from installer import files, profiles
+from installer import files, identity, profiles
 from installer.config import Config
 from installer.initramfs import InitramfsError, read_members
 from installer.paths import PathError, resolve_in_root
@@ -55,7 +55,7 @@ STAGE3_TOP = frozenset(
 @dataclass(frozen=True)
 class Result:
     id: str
-    status: str  # "ok" | "fail" | "skip"
+    status: str  # "ok" | "fail" | "skip" | "warn" (worth a look, not a failure)
     detail: str
 
 
@@ -69,6 +69,10 @@ def fail(cid: str, detail: str) -> Result:
 
 def skip(cid: str, detail: str) -> Result:
     return Result(cid, "skip", detail)
+
+
+def warn(cid: str, detail: str) -> Result:
+    return Result(cid, "warn", detail)
 
 
 def check(cid: str, good: bool, yes: str, no: str) -> Result:
@@ -224,7 +228,9 @@ def usr_layout(cfg: Config, t: Tree) -> Result:
         bad = [
             f"/{n} -> {links[n]}" if links[n] else f"/{n} is not a symlink"
             for n in names
-            if not ((target := links[n]) and posixpath.normpath(target).lstrip("/").startswith("usr/"))
+            if not (
+                (target := links[n]) and posixpath.normpath(target).lstrip("/").startswith("usr/")
+            )
         ]
         return check(
             "usr.layout",
@@ -827,8 +833,13 @@ def dom0_checks(cfg: Config, t: Tree) -> list[Result]:
                 f"{files.POLICY_PATH} differs from {cfg.dom0.policy}",
             )
         )
-    path, content, _mode = files.dom0_service(cfg)
-    out.append(_same_file(t, path, content, "dom0.service-file", files.dom0_command(cfg)))
+    checks = [
+        ("dom0.settings", "its paths"),
+        ("dom0.service-file", "as shipped in init/"),
+        ("dom0.logrotate", "as shipped in init/"),
+    ]
+    for (cid, what), (path, content, _mode) in zip(checks, files.dom0_files(cfg), strict=False):
+        out.append(_same_file(t, path, content, cid, what))
     out.append(service(cfg, t, "dom0"))
     return out
 
@@ -862,7 +873,18 @@ def boot_checks(cfg: Config, t: Tree) -> list[Result]:
     return out
 
 
+def disk_checks(cfg: Config, t: Tree) -> list[Result]:
+    out = []
+    for i, dev in enumerate(cfg.disks.devices):
+        if identity.kernel_name(dev):
+            out.append(warn(f"disks.name{i}", identity.kernel_name_warning(dev)))
+        else:
+            out.append(ok(f"disks.name{i}", f"{dev}: a stable name"))
+    return out
+
+
 SECTIONS: tuple[Callable[[Config, Tree], list[Result]], ...] = (
+    disk_checks,
     stage3_checks,
     repo_checks,
     profile_checks,
@@ -894,7 +916,11 @@ def render_text(results: list[Result]) -> str:
     width = max((len(r.id) for r in results), default=0)
     lines = [f"{r.status.upper():<4}  {r.id:<{width}}  {r.detail}" for r in results]
     bad = len(failures(results))
-    lines.append(f"{len(results)} checks: {len(results) - bad} passed or skipped, {bad} failed")
+    warned = sum(r.status == "warn" for r in results)
+    also = f" ({warned} with a warning)" if warned else ""
+    lines.append(
+        f"{len(results)} checks: {len(results) - bad} passed or skipped{also}, {bad} failed"
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -61,12 +61,33 @@ def wg_export(rec: Reconciler, state_dir: Path, name: object) -> dict[str, Any]:
     }
 
 
+def renew(rec: Reconciler, name: object) -> dict[str, Any]:
+    """`dom0 machine renew NAME`: flap the carrier of the machine's port."""
+    if not isinstance(name, str) or not 0 < len(name) <= 253:
+        return {"ok": False, "usage": True, "error": "NAME: expected a machine name or MAC"}
+    a = rec.find(name)
+    if a is None:
+        return {"ok": False, "usage": True, "error": f"{name}: no such machine (see dom0 status)"}
+    fqdn = fqdn_of(rec.policy, a)
+    if a.absent_since is not None:
+        return {"ok": False, "error": f"{fqdn}: absent (its port {a.port} is gone)"}
+    if not a.confirmed:
+        # (it has no lease to renew; and a flap would make the bridge forget
+        # it, which releases a machine that never held its lease)
+        return {"ok": False, "error": f"{fqdn}: has not held its lease yet: nothing to renew"}
+    if not rec.renew(a.mac, a.port):
+        return {"ok": False, "error": "this controller cannot flap carriers"}
+    log.info("machine renew: flapping the carrier of %s for %s", a.port, fqdn)
+    return {"ok": True, "name": fqdn, "mac": a.mac, "port": a.port}
+
+
 def dispatch(
     request: dict,
     *,
     status: Callable[[], dict],
     post: Callable[[str], bool],
     export: Callable[[object], dict],
+    renew: Callable[[object], dict],
 ) -> dict[str, Any]:
     """One request to its handler. `post(cmd)` queues a reload or resync for
     the reconcile loop (False when its queue is full)."""
@@ -75,11 +96,13 @@ def dispatch(
         return status()
     if cmd == "wg-export":
         return export(request.get("name"))
+    if cmd == "renew":
+        return renew(request.get("name"))
     if cmd in ("reload", "resync"):
         if not post(cmd):
             return {"ok": False, "error": "busy, try again"}
         return {"ok": True}
     return {
         "ok": False,
-        "error": f"unknown command {cmd!r}, expected status, reload, resync or wg-export",
+        "error": f"unknown command {cmd!r}, expected status, reload, resync, renew or wg-export",
     }

@@ -9,7 +9,12 @@ from controller.reconcile import Reconciler
 
 
 def status(
-    rec: Reconciler, *, policy: str, last_policy_error: str | None, dnsmasq_pid: int | None
+    rec: Reconciler,
+    *,
+    policy: str,
+    last_policy_error: str | None,
+    dnsmasq_pid: int | None,
+    dnsmasq_reloads: int = 0,
 ) -> dict[str, Any]:
     s = rec.stats
     return {
@@ -18,6 +23,7 @@ def status(
         "bridge": rec.policy.bridge,
         "last_policy_error": last_policy_error,
         "dnsmasq_pid": dnsmasq_pid,
+        "dnsmasq_reloads": dnsmasq_reloads,
         "generation": s.generation,
         "stats": {
             "reconciles": s.reconciles,
@@ -26,6 +32,7 @@ def status(
             "errors": s.errors,
             "refusals": s.refusals,
             "repairs": s.repairs,
+            "renewals": s.renewals,
             "last_repair": s.last_repair,
             "last_error": s.last_error,
             "uptime": round(time.time() - s.started, 1),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 
@@ -108,6 +108,9 @@ class Ledger:
         self.addresses: dict[str, dict[str, str]] = {}  # domain -> address -> mac
         self._hint: dict[str, int] = {}  # rule -> every slot below it is held
         self.ports: dict[str, set[str]] = {}  # port -> macs bound to it
+        # Addresses handed out last while the pool has others: those the
+        # running DHCP server has read already (see drivers/dhcp.py, burnt).
+        self.avoid: Set[str] = frozenset()
         for a in allocations:
             self.put(a)
 
@@ -189,14 +192,18 @@ class Ledger:
         reserved = {base, base + size - 1}
         if gateway is not None:
             reserved.add(int(gateway))
+        fallback: str | None = None
         for i in range(size):
             candidate = base + (start + i) % size
             if candidate in reserved:
                 continue
             text = str(IPv4Address(candidate))
             if text not in used:
-                return text
-        return None
+                if text not in self.avoid:
+                    return text
+                if fallback is None:
+                    fallback = text
+        return fallback
 
     def reclaimable(self, rule: str, domain: str, now: int, release_after: int) -> list[Allocation]:
         """Released allocations that hold a slot of `rule` or an address of

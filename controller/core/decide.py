@@ -171,11 +171,15 @@ def decide(
     allocation = d.allocation
     changed = d.changed or took_over is not None
     bridge_address = allocation.underlay or allocation.address
+    # Established once it holds a lease: dnsmasq leases only reservations
+    # (static ranges) and only to their own MAC on its own port (DHCP
+    # integrity), so any lease of this MAC is one dom0 gave it, perhaps for
+    # the address it had before a move.
     if (
         not allocation.confirmed
         and leased is not None
         and bridge_address is not None
-        and leased.get(mac) == bridge_address
+        and leased.get(mac) is not None
     ):
         allocation = replace(allocation, confirmed=True)
         ledger.put(allocation)

@@ -133,6 +133,7 @@ class DhcpConfig:
     ranges: tuple[DhcpRange, ...]
     # host tag -> domain name: hub machines share one range but not one domain
     tag_domains: tuple[tuple[str, str], ...] = ()
+    log: str = "transactions"  # policy.DHCP_LOG
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +363,7 @@ def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
             tuple((f"hub-{d.name}", f"{d.name}.{policy.tld}") for d in domains.values() if d.hub)
             if hub is not None
             else (),
+            policy.dhcp_log,
         ),
         uplink=uplink_state,
         hub=hub_state,

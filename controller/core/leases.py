@@ -40,3 +40,20 @@ def parse_leases(text: str, now: int) -> Leases:
             continue
         out[mac] = address
     return Leases(out)
+
+
+def stale_leases(
+    reserved: Mapping[str, tuple[str, str]],
+    leased: Mapping[str, str],
+    renewed: Mapping[str, str],
+) -> list[tuple[str, str, str]]:
+    """(mac, port, address) of the present machines that hold a lease for
+    another address than their reservation (`reserved`: MAC -> (port,
+    address)) and have not been renewed for that address yet: a client that
+    ignores the carrier is flapped once per change, not at every sync."""
+    out = []
+    for mac, (port, address) in reserved.items():
+        held = leased.get(mac)
+        if held is not None and held != address and renewed.get(mac) != address:
+            out.append((mac, port, address))
+    return sorted(out)

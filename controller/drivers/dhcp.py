@@ -22,6 +22,18 @@ tombstone, `MAC,ignore` (dnsmasq then never answers that MAC), and
 tombstones are swept before a new dnsmasq starts. Every reservation carries
 `id:*`: dnsmasq identifies the lease by hardware address only, so a client-id
 copied from another machine finds nothing of that machine's.
+
+A running dnsmasq also never forgets an address it has read: a rewritten
+file's old entry stays in memory, and a later `dhcp-host` line naming that
+address again is refused ("duplicate dhcp-host IP address", in its log),
+so the machine would keep being served its previous reservation. HostsDir
+therefore keeps the addresses the running dnsmasq has read (`burnt`,
+persisted in `dhcp/burnt` so that a restarted controller that adopts dnsmasq
+knows them too); the allocator hands out an address that is not burnt while
+the pool has one (core/allocation.py), and a reservation that must name a
+burnt address (a machine keeps its address under a new name, a pool is used
+up) makes the supervisor restart dnsmasq: planned, at most once a second,
+leases kept in its lease file.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import trio
@@ -59,7 +71,7 @@ def dnsmasq_argv(config: DhcpConfig, state_dir: Path, binary: str = "dnsmasq") -
         "--no-ping",  # the controller already guarantees addresses are unique
         "--dhcp-authoritative",
         f"--log-facility={d / 'dnsmasq.log'}",
-        "--log-dhcp",
+        *DHCP_LOG_ARGS[config.log],
         "--pid-file=",
     ]
     for r in config.ranges:
@@ -77,6 +89,11 @@ def dnsmasq_argv(config: DhcpConfig, state_dir: Path, binary: str = "dnsmasq") -
         argv.append(f"--dhcp-option=tag:{tag},option:domain-name,{domain_name}")
     return argv
 
+
+# policy [dhcp] log: dnsmasq's own switches for it
+DHCP_LOG_ARGS = {"quiet": ("--quiet-dhcp",), "transactions": (), "verbose": ("--log-dhcp",)}
+
+RELOAD_INTERVAL = 1.0  # seconds between planned restarts of dnsmasq, at least
 
 _MAC_FILE = re.compile(r"^[0-9a-f]{2}(-[0-9a-f]{2}){5}$")
 
@@ -112,6 +129,38 @@ class HostsDir:
         # file name -> (inode, mtime_ns, host): a file unchanged since it was
         # last read or written is not read again (10,000 of them at a resync)
         self._known: dict[str, tuple[int, int, DhcpHost | None]] = {}
+        self.burnt_path = self.root / "burnt"
+        self.burnt: set[str] = self._load_burnt()
+        # called when a reservation was written that the running dnsmasq
+        # cannot take (its address is burnt): it must be restarted
+        self.on_stale: Callable[[], None] | None = None
+        self.stale = False
+
+    def _load_burnt(self) -> set[str]:
+        try:
+            return set(self.burnt_path.read_text().split())
+        except FileNotFoundError:
+            # (no record: what the files name now is at least what dnsmasq has read)
+            return {h.address for h in self._peek().values()}
+
+    def _peek(self) -> dict[str, DhcpHost]:
+        out: dict[str, DhcpHost] = {}
+        if not self.dir.is_dir():
+            return out
+        for f in self.dir.iterdir():
+            host = parse_host_line(f.read_text(errors="replace")) if f.is_file() else None
+            if host is not None:
+                out[host.mac] = host
+        return out
+
+    def reset_burnt(self) -> None:
+        """A new dnsmasq is about to start: it reads only what the files name now."""
+        self.burnt = {h.address for h in self._peek().values()}
+        self.stale = False
+        if not self.readonly:
+            tmp = self.tmp / "burnt"
+            tmp.write_text("".join(f"{a}\n" for a in sorted(self.burnt)))
+            os.replace(tmp, self.burnt_path)
 
     def read(self) -> dict[str, DhcpHost]:
         """Every reservation on disk. A file that is not a reservation of
@@ -155,10 +204,21 @@ class HostsDir:
                 name = _host_file(mac)
                 self._replace(name, tombstone(mac))
                 self._remember(name, None)
+        fresh: list[str] = []
         for mac, host in put.items():
             name = _host_file(mac)
             self._replace(name, host.line())
             self._remember(name, host)
+            if host.address in self.burnt:
+                self.stale = True
+            else:
+                self.burnt.add(host.address)
+                fresh.append(host.address)
+        if fresh:
+            with self.burnt_path.open("a") as f:
+                f.write("".join(f"{a}\n" for a in fresh))
+        if self.stale and self.on_stale is not None:
+            self.on_stale()
 
     def sweep(self) -> int:
         """Remove tombstones and whatever else is not a reservation: only
@@ -201,7 +261,10 @@ class Dnsmasq:
         self.config: DhcpConfig | None = None
         self.pid: int | None = None
         self._changed = trio.Event()
-        self.restarts = 0
+        self.restarts = 0  # dnsmasq exited on its own (and was started again)
+        self.reloads = 0  # restarted on purpose: reservations it could not take running
+        self._settled = trio.Event()  # set while the running dnsmasq holds every reservation
+        self.hosts.on_stale = self._stale
 
     def _argv(self) -> list[str]:
         assert self.config is not None
@@ -218,6 +281,16 @@ class Dnsmasq:
 
     def alive(self) -> bool:
         return self._running() is not None
+
+    async def settled(self) -> None:
+        """Return once the running dnsmasq holds every reservation written
+        (none waits for a restart)."""
+        await self._settled.wait()
+
+    def _stale(self) -> None:
+        if self._settled.is_set():
+            self._settled = trio.Event()
+        self._changed.set()
 
     def observe(self, config: DhcpConfig | None) -> DhcpConfig | None:
         """`config` if the recorded dnsmasq is alive and runs exactly it."""
@@ -237,6 +310,7 @@ class Dnsmasq:
         """Keep dnsmasq running with the latest config, forever. Leaves it
         running on cancellation: the data plane outlives the controller."""
         started = False
+        last_start = -RELOAD_INTERVAL
         while True:
             while self.config is None:
                 await self._changed.wait()
@@ -245,25 +319,36 @@ class Dnsmasq:
             argv = self._argv()
             digest = processes.command_digest(argv)
             running = self._running()
-            if running is not None and running.argv == digest:
+            if running is not None and running.argv == digest and not self.hosts.stale:
                 rec = running
                 if processes.child(rec.pid) is None:
                     log.info("dhcp: adopted running dnsmasq pid %d", rec.pid)
             else:
                 if running is not None:
-                    log.info("dhcp: stopping dnsmasq pid %d (configuration changed)", running.pid)
+                    if running.argv == digest:
+                        # (see the module's docstring: burnt addresses)
+                        await trio.sleep_until(last_start + RELOAD_INTERVAL)
+                        self.reloads += 1
+                        why = "to read reservations that reuse an address it has read"
+                    else:
+                        why = "configuration changed"
+                    log.info("dhcp: stopping dnsmasq pid %d (%s)", running.pid, why)
                     await trio.to_thread.run_sync(
                         functools.partial(processes.stop, [running], 5.0, kill_wait=5.0)
                     )
                 swept = self.hosts.sweep()  # no dnsmasq runs now: tombstones can go
                 if swept:
                     log.info("dhcp: swept %d tombstones of removed reservations", swept)
+                self.hosts.reset_burnt()
+                last_start = trio.current_time()
                 _, started_rec = await trio.to_thread.run_sync(processes.spawn, argv)
                 rec = dataclasses.replace(started_rec, argv=digest)
                 processes.write_record(self.record, rec)
                 log.info("dhcp: started dnsmasq pid %d", rec.pid)
             pid = rec.pid
             self.pid = pid
+            if not self.hosts.stale:
+                self._settled.set()
             if not started:
                 started = True
                 task_status.started()
@@ -294,3 +379,31 @@ class Dnsmasq:
             nursery.start_soon(watch_exit)
             nursery.start_soon(watch_change)
         return exited
+
+
+# ---- for `dom0 host check` and `dom0 flush` (outside the controller) ------------------------
+
+
+def record_path(state_dir: Path) -> Path:
+    """Where the controller records the dnsmasq it runs for `state_dir`."""
+    return state_dir / "dhcp" / "dnsmasq.json"
+
+
+def state_dir_of(argv: Sequence[str]) -> Path | None:
+    """The state directory a dnsmasq started by `dnsmasq_argv` serves, from
+    its command line (its --dhcp-hostsdir is STATE/dhcp/hosts)."""
+    for a in argv:
+        if a.startswith("--dhcp-hostsdir="):
+            hosts = Path(a.split("=", 1)[1])
+            if hosts.name == "hosts" and hosts.parent.name == "dhcp":
+                return hosts.parent.parent
+    return None
+
+
+def reservation_files(state_dir: Path) -> list[Path]:
+    """The reservation (and tombstone) files in STATE/dhcp/hosts."""
+    d = state_dir / "dhcp" / "hosts"
+    try:
+        return sorted(p for p in d.iterdir() if not p.is_dir())
+    except FileNotFoundError:
+        return []

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -247,3 +248,116 @@ class Tunnels:
             )
             for k, s in device.peers.items()
         }
+
+
+# ---- everything dom0 holds in routing (`dom0 flush`) -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OwnedRoute:
+    """A route carrying dom0's protocol number, in any table."""
+
+    family: int
+    table: int
+    dst: str | None  # None: default
+    dst_len: int
+    type: int  # 1 unicast, 7 unreachable
+    oif: int | None
+    priority: int | None
+
+    def label(self) -> str:
+        dst = self.dst or ("default" if self.dst_len == 0 else "?")
+        kind = "unreachable " if self.type == 7 else ""
+        v = "ipv6" if self.family == 10 else "ipv4"
+        return f"{v} route {kind}{dst}{f'/{self.dst_len}' if self.dst else ''} table {self.table}"
+
+
+@dataclass(frozen=True, slots=True)
+class OwnedRule:
+    """A policy-routing rule carrying dom0's protocol number."""
+
+    family: int
+    priority: int
+    table: int
+    flags: int
+    fwmark: int | None
+    suppress_prefixlen: int | None
+
+    def label(self) -> str:
+        v = "ipv6" if self.family == 10 else "ipv4"
+        mark = ""
+        if self.fwmark is not None:
+            mark = f" {'not ' if self.flags & FIB_RULE_INVERT else ''}fwmark {self.fwmark:#x}"
+        return f"{v} rule {self.priority}{mark} lookup {self.table}"
+
+
+def owned_routing(ipr: IPRoute) -> tuple[list[OwnedRoute], list[OwnedRule]]:
+    """dom0's routes (every table) and rules in this namespace, by protocol number."""
+    routes, rules = [], []
+    for family in (2, 10):
+        for r in ipr.get_routes(family=family):
+            if r["proto"] == DOM0_PROTO:
+                routes.append(
+                    OwnedRoute(
+                        family,
+                        r.get_attr("RTA_TABLE") or r["table"],
+                        r.get_attr("RTA_DST"),
+                        r["dst_len"],
+                        r["type"],
+                        r.get_attr("RTA_OIF"),
+                        r.get_attr("RTA_PRIORITY"),
+                    )
+                )
+        for r in ipr.get_rules(family=family):
+            if r.get("FRA_PROTOCOL") == DOM0_PROTO:
+                suppress = r.get("FRA_SUPPRESS_PREFIXLEN")
+                rules.append(
+                    OwnedRule(
+                        family,
+                        r.get("FRA_PRIORITY") or 0,
+                        r.get("FRA_TABLE") or r["table"],
+                        r["flags"],
+                        r.get("FRA_FWMARK"),
+                        None if suppress in (None, 0xFFFFFFFF) else suppress,
+                    )
+                )
+    return routes, rules
+
+
+def delete_route(ipr: IPRoute, r: OwnedRoute) -> None:
+    """Gone already (its interface went) is fine."""
+    default = "0.0.0.0" if r.family == 2 else "::"
+    spec: dict = {
+        "family": r.family,
+        "table": r.table,
+        "dst": f"{r.dst or default}/{r.dst_len}",
+        "type": r.type,
+        "proto": DOM0_PROTO,
+    }
+    if r.oif is not None:
+        spec["oif"] = r.oif
+    if r.priority is not None:
+        spec["priority"] = r.priority
+    try:
+        ipr.route("del", **spec)
+    except NetlinkError as e:
+        if e.code not in (3, 19):  # ESRCH, ENODEV: already gone
+            raise
+
+
+def delete_rule(ipr: IPRoute, r: OwnedRule) -> None:
+    spec: dict = {
+        "family": r.family,
+        "priority": r.priority,
+        "table": r.table,
+        "protocol": DOM0_PROTO,
+    }
+    if r.fwmark is not None:
+        spec.update(fwmark=r.fwmark, flags=r.flags)
+    if r.suppress_prefixlen is not None:
+        spec["suppress_prefixlen"] = r.suppress_prefixlen
+    try:
+        ipr.rule("del", **spec)
+    except NetlinkError as e:
+        if e.code != 2:  # ENOENT: already gone
+            raise

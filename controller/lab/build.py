@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import controller
@@ -23,6 +23,8 @@ from controller.lab import (
     uplink,
 )
 from controller.lab.rundir import RUN_ROOT, Lab, LabError, check_name
+from controller.policy.load import PolicyError, load_policy
+from controller.policy.model import Policy
 
 DEFAULT_POLICY = Path(controller.__file__).resolve().parent.parent / "policies" / "lab.toml"
 DEFAULT_VMS = 4
@@ -44,6 +46,31 @@ def check_vms(vms: int) -> str | None:
     return None
 
 
+def check_policy(policy: Policy) -> list[str]:
+    """What makes a valid policy unusable in the lab, whose interfaces are fixed."""
+    problems = []
+    if policy.bridge != topology.BRIDGE:
+        problems.append(
+            f"{policy.source}: bridge.name: {policy.bridge!r} is not the lab's bridge, "
+            f"expected {topology.BRIDGE!r}"
+        )
+    if policy.wan is not None and policy.wan != topology.DOM0_WAN_IF:
+        problems.append(
+            f"{policy.source}: wan.interface: {policy.wan!r} is not the lab's WAN, "
+            f"expected {topology.DOM0_WAN_IF!r}"
+        )
+    return problems
+
+
+def read_policy(path: str | Path) -> Policy:
+    """The policy, or LabError with its first problem (and how many more)."""
+    try:
+        return load_policy(path)
+    except PolicyError as exc:
+        first, more = exc.problems[0], len(exc.problems) - 1
+        raise LabError(f"{first}" + (f" (and {more} more problems)" if more else "")) from exc
+
+
 def create(
     name: str,
     vms: int = DEFAULT_VMS,
@@ -58,18 +85,42 @@ def create(
     run_root: Path = RUN_ROOT,
     progress: Progress = _quiet,
     with_uplink: bool = True,
+    live_policy: bool = False,
+    fit: bool = False,
+    macs: Mapping[int, str] | None = None,
+    port_prefix: str = topology.PORT_PREFIX,
+    warn: Progress = _quiet,
 ) -> Lab:
     """Build lab name with VMs 1..vms and return its handle.
 
     controller=False builds the topology and services only (the VMs' DHCP
     clients then start only with dhcp=True and keep asking). policy defaults to
     policies/lab.toml; it is copied to RUNDIR/policy.toml, with the lab's
-    [uplink] appended unless with_uplink is False or it has its own. VMs of hub
-    domains then join the hub with their `dom0 wg export` configuration.
+    [uplink] appended unless with_uplink is False or it has its own. With
+    live_policy the controller runs on the file itself (its absolute path), so
+    the operator's edits reach it; the lab then appends nothing and has no VPN
+    uplink unless the file has one. VMs of hub domains then join the hub with
+    their `dom0 wg export` configuration.
+
+    VM I has MAC 52:54:00:d0:00:II and port vnetI (port_prefix + I), macs
+    overrides some; fit=True gives the others MACs that the policy's rules take
+    in turn (topology.fit_vms) and calls warn once for each VM it will quarantine.
     """
     problem = check_name(name) or (f"--vms: {p}" if (p := check_vms(vms)) else None)
+    problem = problem or topology.check_port_prefix(port_prefix)
     if problem:
         raise LabError(problem)
+    if live_policy and policy is None:
+        raise LabError("live_policy needs the operator's policy file")
+    source = Path(policy or DEFAULT_POLICY).absolute()
+    fitted = read_policy(source) if fit else None
+    specs, warnings = topology.fit_vms(fitted, vms, macs, port_prefix)
+    # A VM that no rule takes gets a lease only if the quarantine has a pool.
+    leased = [
+        v.index
+        for v in specs
+        if fitted is None or v.rule is not None or fitted.quarantine.pool is not None
+    ]
     lab = Lab.named(name, run_root)
     if teardown.exists(name, run_root):
         if not replace:
@@ -81,9 +132,22 @@ def create(
         lab.root.mkdir()  # atomic claim: a concurrent `lab up` of the same name loses here
     except FileExistsError:
         raise LabExists(f"lab {name} already exists (dom0 lab down --name {name})") from None
+    for line in warnings:
+        warn(line)
     try:
         _build(
-            lab, vms, policy, controller, dhcp, wait_leases, lease_timeout, progress, with_uplink
+            lab,
+            specs,
+            leased,
+            port_prefix,
+            source if (policy is not None or controller) else None,
+            live_policy,
+            controller,
+            dhcp,
+            wait_leases,
+            lease_timeout,
+            progress,
+            with_uplink,
         )
     except BaseException:
         if teardown_on_error:
@@ -95,8 +159,11 @@ def create(
 
 def _build(
     lab: Lab,
-    vms: int,
-    policy: str | Path | None,
+    specs: list[topology.VmSpec],
+    leased: list[int],
+    port_prefix: str,
+    policy: Path | None,
+    live_policy: bool,
     with_controller: bool,
     dhcp: bool,
     wait_leases: bool,
@@ -107,7 +174,7 @@ def _build(
     started = time.monotonic()
     for d in (lab.logs_dir, lab.state_dir, lab.leases_dir):
         d.mkdir(parents=True, exist_ok=True)
-    indexes = list(range(1, vms + 1))
+    indexes = [v.index for v in specs]
     namespaces = topology.core_namespaces(lab) + [lab.vm_ns(i) for i in indexes]
     with lab.update() as data:
         data["created"] = time.time()
@@ -118,11 +185,24 @@ def _build(
             "leases": str(lab.leases_dir),
         }
         data["namespaces"] = namespaces
-        data["vms"] = {str(i): _vm_entry(lab, i, topology.vm_mac(i)) for i in indexes}
+        data["vms"] = {str(v.index): _vm_entry(lab, v) for v in specs}
+        data["port_prefix"] = port_prefix
     dhcpclient.write_script(lab)
     has_uplink = False
-    if policy is not None or with_controller:
-        path = controllerproc.install_policy(lab, policy or DEFAULT_POLICY)
+    if policy is not None and live_policy:
+        with lab.update() as data:
+            data["policy"] = {"source": str(policy), "path": str(policy), "live": True}
+        # The lab's VPN server has keys of its own that no operator's [uplink] names.
+        with_uplink = False
+        if "uplink" in tomllib.loads(policy.read_text()):
+            progress(f"{policy} has its own [uplink]: the lab starts no VPN server for it")
+        else:
+            progress(
+                f"{policy} has no [uplink]: the lab runs without its VPN, egress leaves "
+                f"dom0's WAN (the echo sees {topology.DOM0_WAN})"
+            )
+    elif policy is not None:
+        path = controllerproc.install_policy(lab, policy)
         text = path.read_text()
         has_uplink = "uplink" in tomllib.loads(text)
         if with_uplink and not has_uplink:
@@ -133,12 +213,12 @@ def _build(
     topology.wire_core(lab)
     if has_uplink and with_uplink:
         uplink.start_server(lab)
-    topology.wire_vms(lab, ((i, topology.vm_mac(i)) for i in indexes))
+    topology.wire_vms(lab, specs)
     services.start_echos(
         lab, [services.wan_echo(lab), *(services.vm_echo(lab, i) for i in indexes)]
     )
     progress(
-        f"topology {lab.name}: {len(namespaces)} namespaces, {vms} VMs "
+        f"topology {lab.name}: {len(namespaces)} namespaces, {len(specs)} VMs "
         f"({time.monotonic() - started:.1f} s)"
     )
     if with_controller:
@@ -146,7 +226,7 @@ def _build(
         progress(f"controller ready (pid {proc.pid}, log {lab.controller_log})")
     if dhcp:
         dhcpclient.start_many(lab, indexes)
-    if with_controller and dhcp and wait_leases:
+    if with_controller and dhcp and wait_leases and leased:
 
         def report(have: int, want: int, missing: list[int]) -> None:
             first = ", ".join(f"vm{i}" for i in missing[:5])
@@ -155,13 +235,14 @@ def _build(
 
         dhcpclient.wait_leases(
             lab,
-            indexes,
+            leased,
             lease_timeout,
             progress=report,
             check=lambda: controllerproc.check_running(lab),
         )
-        progress(f"all {vms} VMs have leases ({time.monotonic() - started:.1f} s)")
-        joined = join_hub(lab, indexes)
+        which = "all" if len(leased) == len(indexes) else f"{len(leased)} of"
+        progress(f"{which} {len(indexes)} VMs have leases ({time.monotonic() - started:.1f} s)")
+        joined = join_hub(lab, leased)
         if joined:
             progress(f"{len(joined)} VMs joined the hub ({time.monotonic() - started:.1f} s)")
 
@@ -178,8 +259,14 @@ def join_hub(lab: Lab, indexes: Iterable[int]) -> list[int]:
     return joined
 
 
-def _vm_entry(lab: Lab, index: int, mac: str) -> dict[str, str]:
-    return {"namespace": lab.vm_ns(index), "mac": mac, "port": topology.port_name(index)}
+def _vm_entry(lab: Lab, spec: topology.VmSpec) -> dict[str, str | None]:
+    return {
+        "namespace": lab.vm_ns(spec.index),
+        "mac": spec.mac,
+        "port": spec.port,
+        "rule": spec.rule,
+        "domain": spec.domain,
+    }
 
 
 def add_vm(
@@ -201,14 +288,17 @@ def add_vm(
         raise LabError(f"lab {lab.name} already has vm{index}")
     if index < 1:
         raise LabError(f"VM index must be >= 1, got {index}")
-    mac = (mac or topology.vm_mac(index)).lower()
+    prefix = str(lab.read().get("port_prefix") or topology.PORT_PREFIX)
+    spec = topology.VmSpec(
+        index, (mac or topology.vm_mac(index)).lower(), topology.port_name(index, prefix)
+    )
     ns = lab.vm_ns(index)
     with lab.update() as data:
         if ns not in data["namespaces"]:
             data["namespaces"].append(ns)
-        data["vms"][str(index)] = _vm_entry(lab, index, mac)
+        data["vms"][str(index)] = _vm_entry(lab, spec)
     netns.create([ns])
-    topology.wire_vms(lab, [(index, mac)])
+    topology.wire_vms(lab, [spec])
     if echo:
         services.start_echos(lab, [services.vm_echo(lab, index)])
     if dhcp:

@@ -16,6 +16,7 @@ from types import FrameType
 from typing import Any
 
 from controller.lab.rundir import DEFAULT_NAME, check_name
+from controller.lab.topology import PORT_PREFIX
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -29,7 +30,25 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     up.add_argument("--name", default=DEFAULT_NAME, help=f"lab name (default {DEFAULT_NAME})")
     up.add_argument("--vms", default="4", metavar="N", help="number of VMs, 1..200 (default 4)")
-    up.add_argument("--policy", metavar="FILE", help="policy file (default policies/lab.toml)")
+    up.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="run the controller on FILE itself: edits reload it "
+        "(default: a copy of policies/lab.toml in the run directory)",
+    )
+    up.add_argument(
+        "--mac",
+        action="append",
+        default=[],
+        metavar="vmI=MAC",
+        help="give VM I this MAC (repeatable); the others get MACs the policy's rules take in turn",
+    )
+    up.add_argument(
+        "--ports",
+        default=PORT_PREFIX,
+        metavar="PREFIX",
+        help=f"bridge port names PREFIX1..PREFIXN (default {PORT_PREFIX}, as libvirt's taps)",
+    )
     up.add_argument("--json", action="store_true", help="print the lab as JSON")
     up.add_argument("--replace", action="store_true", help="tear down a lab of that name first")
     up.add_argument(
@@ -47,10 +66,14 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     down = sub.add_parser("down", help="stop everything a lab started and delete it")
     down.add_argument("--name", default=DEFAULT_NAME, help=f"lab name (default {DEFAULT_NAME})")
+    down.add_argument("--json", action="store_true", help="print what was removed as JSON")
     down.set_defaults(handler=_down)
 
     demo = sub.add_parser(
         "demo", help="build a lab, print what each VM got and can reach, tear it down"
+    )
+    demo.add_argument(
+        "--name", help="lab name (default: a fresh one, demoPIDXXXX); it must not exist"
     )
     demo.add_argument("--vms", default="4", metavar="N", help="number of VMs, 1..200 (default 4)")
     demo.add_argument("--policy", metavar="FILE", help="policy file (default policies/lab.toml)")
@@ -82,14 +105,58 @@ def _check_vms(prog: str, text: str) -> int | None:
 
 
 def _check_policy(prog: str, policy: str | None) -> bool:
-    from controller.lab.build import DEFAULT_POLICY
+    """The policy file exists, validates, and fits the lab's fixed interfaces;
+    else one line per problem (the policy's own lines, as `dom0 policy check`)."""
+    from controller.lab.build import DEFAULT_POLICY, check_policy
+    from controller.policy.load import load_or_report
 
     path = Path(policy) if policy else DEFAULT_POLICY
     if not path.is_file():
         what = "no such file" if not path.exists() else "not a file"
         _err(prog, f"--policy: {path}: {what}")
         return False
-    return True
+    try:
+        path.read_bytes()
+    except OSError as exc:
+        _err(prog, f"--policy: {path}: {exc.strerror or exc}")
+        return False
+    loaded = load_or_report(path, prog)
+    if loaded is None:
+        return False
+    problems = check_policy(loaded)
+    for line in problems:
+        _err(prog, f"--policy: {line}")
+    return not problems
+
+
+def parse_macs(texts: list[str], vms: int) -> tuple[dict[int, str], str | None]:
+    """--mac vmI=MAC options -> {I: normalized MAC}, or the first problem."""
+    from controller.lab.topology import BRIDGE_MAC
+    from controller.policy.macs import FULL, MacError, is_multicast, normalize_mac, parse_mac
+
+    out: dict[int, str] = {}
+    for text in texts:
+        vm, sep, mac = text.partition("=")
+        if not sep or not vm.startswith("vm") or not vm[2:].isdigit():
+            return {}, f"{text!r} is not vmI=MAC, expected e.g. vm3=52:54:00:12:34:56"
+        index = int(vm[2:])
+        if not 1 <= index <= vms:
+            return {}, f"{text!r}: the lab has vm1..vm{vms}, expected one of them"
+        if index in out:
+            return {}, f"{text!r}: vm{index} is given twice, expected one MAC per VM"
+        try:
+            value = parse_mac(mac)
+        except MacError as exc:
+            return {}, f"{vm}: {exc}"
+        if is_multicast(value) or value in (0, FULL):
+            return {}, f"{vm}: {mac} is not a unicast MAC, expected e.g. 52:54:00:12:34:56"
+        normal = normalize_mac(mac)
+        if normal == BRIDGE_MAC:
+            return {}, f"{vm}: {normal} is virbr0's own MAC, expected another"
+        if normal in out.values():
+            return {}, f"{vm}: {normal} is given to another VM too, expected distinct MACs"
+        out[index] = normal
+    return out, None
 
 
 @contextmanager
@@ -107,7 +174,7 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from controller.lab import build, controllerproc, dhcpclient
+    from controller.lab import build, controllerproc, dhcpclient, topology
     from controller.lab.rundir import LabError
 
     prog = "dom0 lab up"
@@ -117,17 +184,29 @@ def _up(args: argparse.Namespace) -> int:
     vms = _check_vms(prog, args.vms)
     if vms is None or not _check_policy(prog, args.policy):
         return EXIT_USAGE
+    macs, problem = parse_macs(args.mac, vms)
+    if problem:
+        _err(prog, f"--mac: {problem}")
+        return EXIT_USAGE
+    if problem := topology.check_port_prefix(args.ports):
+        _err(prog, f"--ports: {problem}")
+        return EXIT_USAGE
     try:
         with _sigterm_interrupts():
             lab = build.create(
                 args.name,
                 vms,
-                policy=args.policy or build.DEFAULT_POLICY,
+                policy=Path(args.policy).absolute() if args.policy else build.DEFAULT_POLICY,
+                live_policy=args.policy is not None,
+                fit=True,
+                macs=macs,
+                port_prefix=args.ports,
                 controller=not args.no_controller,
                 lease_timeout=args.timeout,
                 replace=args.replace,
                 teardown_on_error=not args.keep_on_error,
                 progress=_progress(prog),
+                warn=lambda line: _err(prog, f"warning: {line}"),
             )
     except build.LabExists as exc:
         _err(prog, f"{exc}, or use --replace")
@@ -149,12 +228,19 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def summary(lab: Any, leases: dict[int, Any], controller_pid: int | None) -> dict[str, Any]:
+    record = lab.read()
     vms = lab.vms()
     name_opt = "" if lab.name == DEFAULT_NAME else f" --name {lab.name}"
+    policy = record.get("policy") or {}
     return {
         "name": lab.name,
         "rundir": str(lab.root),
         "namespaces": {"wan": lab.wan_ns, "vpn": lab.vpn_ns, "dom0": lab.dom0_ns},
+        "policy": {
+            "path": str(lab.policy_path),
+            "source": policy.get("source"),
+            "live": bool(policy.get("live")),
+        },
         "controller": {
             "pid": controller_pid,
             "state": str(lab.state_dir),
@@ -166,6 +252,8 @@ def summary(lab: Any, leases: dict[int, Any], controller_pid: int | None) -> dic
                 "namespace": vms[i]["namespace"],
                 "mac": vms[i]["mac"],
                 "port": vms[i]["port"],
+                "rule": vms[i].get("rule"),
+                "domain": vms[i].get("domain"),
                 "lease": leases[i].to_json() if leases.get(i) else None,
             }
             for i in sorted(vms)
@@ -194,8 +282,11 @@ def render_summary(info: dict[str, Any]) -> str:
         f"lab {info['name']} is up: {len(info['vms'])} VMs, "
         + (f"controller pid {ctl['pid']}" if ctl["pid"] else "no controller running"),
         "  namespaces: " + " ".join(info["namespaces"].values()),
+        "  policy:     " + _policy_line(info["policy"]),
     ]
     width = max(len(v["namespace"]) for v in info["vms"])
+    port_width = max(len(v["port"]) for v in info["vms"])
+    rule_width = max(len(_rule(v)) for v in info["vms"])
     for v in info["vms"]:
         lease = v["lease"]
         if lease:
@@ -205,7 +296,10 @@ def render_summary(info: dict[str, Any]) -> str:
             got = f"{lease['ip'] + '/' + str(lease['prefix']):<18}  {name}"
         else:
             got = "no lease yet"
-        lines.append(f"  {v['namespace'].ljust(width)}  {v['mac']}  {v['port']:<7}  {got}")
+        lines.append(
+            f"  {v['namespace'].ljust(width)}  {v['mac']}  {v['port'].ljust(port_width)}  "
+            f"{_rule(v).ljust(rule_width)}  {got}"
+        )
     cmds = info["commands"]
     if not ctl["pid"]:
         lines.append(f"  controller:  {cmds['controller']}")
@@ -216,6 +310,23 @@ def render_summary(info: dict[str, Any]) -> str:
         f"  tear down:   {cmds['down']}",
     ]
     return "\n".join(lines)
+
+
+def _rule(vm: dict[str, Any]) -> str:
+    if vm.get("rule"):
+        return f"rule {vm['rule']} ({vm['domain']})"
+    return "no rule (quarantined)"
+
+
+def _policy_line(policy: dict[str, Any]) -> str:
+    if policy["live"]:
+        return f"{policy['path']} (live: the controller reloads it when it changes)"
+    if policy["source"]:
+        return (
+            f"{policy['path']} (live; a copy of {policy['source']}, whose own edits "
+            "do not reach the lab)"
+        )
+    return f"{policy['path']} (no controller policy yet)"
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -232,6 +343,8 @@ def _down(args: argparse.Namespace) -> int:
     except (LabError, OSError) as exc:
         _err(prog, str(exc))
         return EXIT_FAIL
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
     if report.found_anything:
         _err(
             prog,
@@ -248,12 +361,24 @@ def _demo(args: argparse.Namespace) -> int:
     from controller.lab.rundir import LabError
 
     prog = "dom0 lab demo"
+    if args.name is not None and (problem := check_name(args.name)):
+        _err(prog, f"--name: {problem}")
+        return EXIT_USAGE
     vms = _check_vms(prog, args.vms)
     if vms is None or not _check_policy(prog, args.policy):
         return EXIT_USAGE
     try:
         with _sigterm_interrupts():
-            name, rows = demo.run(vms, policy=args.policy, progress=_progress(prog))
+            name, rows = demo.run(
+                vms,
+                policy=args.policy,
+                name=args.name,
+                progress=_progress(prog),
+                warn=lambda line: _err(prog, f"warning: {line}"),
+            )
+    except demo.build.LabExists as exc:
+        _err(prog, f"{exc}; the demo builds and removes a lab of its own")
+        return EXIT_USAGE
     except LabError as exc:
         _err(prog, str(exc))
         return EXIT_FAIL

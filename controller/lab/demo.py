@@ -304,13 +304,18 @@ def run(
     expected_echo: str = topology.VPN_WAN,
     lease_timeout: float = 30.0,
     progress: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = lambda _: None,
 ) -> tuple[str, list[Row]]:
-    """Build a lab, observe, evaluate, and always tear the lab down."""
+    """Build a lab, observe, evaluate, and always tear the lab down (only the
+    demo's own: a lab of that name that already exists raises LabExists and
+    is left alone). The VMs' MACs are fitted to the policy's rules."""
     name = name or unique_name("demo")
-    lab: Lab | None = None
+    # Raises LabExists before anything is built; `finally` must not remove that lab.
+    started = time.monotonic()
+    lab = build.create(
+        name, vms, policy=policy, wait_leases=False, fit=True, progress=progress, warn=warn
+    )
     try:
-        started = time.monotonic()
-        lab = build.create(name, vms, policy=policy, wait_leases=False, progress=progress)
         indexes = sorted(lab.vms())
         try:
             leases = dhcpclient.wait_leases(
@@ -341,10 +346,9 @@ def run(
         rows = evaluate(observe(lab, leases, machines), expected_echo)
         return name, rows
     finally:
-        if lab is not None or teardown.exists(name):
-            with teardown.shielded():
-                teardown.down(name)
-            progress(f"lab {name} torn down")
+        with teardown.shielded():
+            teardown.down(lab)
+        progress(f"lab {name} torn down")
 
 
 def unique_name(prefix: str) -> str:

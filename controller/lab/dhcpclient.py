@@ -1,4 +1,7 @@
-"""The VM side of DHCP: busybox udhcpc in the foreground, one per VM namespace.
+"""The VM side of DHCP: one client in the foreground per VM namespace, busybox
+udhcpc (the default) or dhcpcd (`start(..., client="dhcpcd")`), which, like
+systemd-networkd and NetworkManager, re-acquires its lease when the carrier
+comes back: the kind of guest `dom0 machine renew` and moves re-address at once.
 
 udhcpc runs the event script written here; on bound/renew the script puts the
 leased address and default route on eth0 and writes the lease to
@@ -84,6 +87,55 @@ exit 0
 """
 
 
+DHCPCD_SCRIPT = r"""#!/bin/sh
+# dhcpcd hook of a dom0 lab VM (written by controller/lab/dhcpclient.py).
+# dhcpcd puts the address and routes on eth0 itself; this only records the
+# lease, in the format the udhcpc script writes. $pid is dhcpcd's own.
+# (dhcpcd gives its hooks an environment of its own: the path is written in.)
+lease_file="@LEASE_FILE@"
+put() { printf '%s=%s\n' "$1" "$(printf '%s' "$2" | tr -d '\r\n')"; }
+printf '%s %s\n' "$reason" "$pid" > "$lease_file.event"
+case "$reason" in
+BOUND|RENEW|REBIND|REBOOT)
+    tmp="$lease_file.tmp.$$"
+    {
+        put event "$(echo "$reason" | tr 'A-Z' 'a-z')"
+        put interface "$interface"
+        put ip "$new_ip_address"
+        put mask "$new_subnet_cidr"
+        put router "$new_routers"
+        put hostname "$new_host_name"
+        put domain "$new_domain_name"
+        put serverid "$new_dhcp_server_identifier"
+        put lease "$new_dhcp_lease_time"
+        put dns "$new_domain_name_servers"
+        put time "$(date +%s)"
+    } > "$tmp" && mv -f "$tmp" "$lease_file"
+    ;;
+PREINIT|EXPIRE|FAIL|NAK|NOCARRIER|STOP|STOPPED|RELEASE|DEPARTED)
+    rm -f "$lease_file"
+    ;;
+esac
+exit 0
+"""
+
+# DHCPv4 only, no IPv4LL, no ARP probing (the lab's addresses are the
+# controller's to keep unique), and nothing that writes outside the VM.
+DHCPCD_CONF = """\
+ipv4only
+noipv4ll
+noarp
+option domain_name_servers, domain_name, host_name, routers
+"""
+
+# dhcpcd keeps its pid and lease files in /run/dhcpcd and /var/lib/dhcpcd: in
+# a private mount namespace with a tmpfs over each, every VM has its own.
+_DHCPCD_START = (
+    'mkdir -p /run/dhcpcd /var/lib/dhcpcd && mount -t tmpfs tmpfs /run/dhcpcd && '
+    'mount -t tmpfs tmpfs /var/lib/dhcpcd && exec dhcpcd -B -4 -f "$1" -c "$2" "$3"'
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """A VM's current lease as its DHCP client recorded it."""
@@ -153,7 +205,36 @@ def parse_lease(text: str, written: float = 0.0) -> Lease:
 def write_script(lab: Lab) -> Path:
     lab.dhcp_script.write_text(SCRIPT)
     lab.dhcp_script.chmod(0o755)
+    _dhcpcd_conf(lab).write_text(DHCPCD_CONF)
     return lab.dhcp_script
+
+
+def _dhcpcd_conf(lab: Lab) -> Path:
+    return lab.dhcp_script.with_name("dhcpcd.conf")
+
+
+def _dhcpcd_hook(lab: Lab, index: int) -> Path:
+    return lab.dhcp_script.with_name(f"dhcpcd-hook-vm{index}.sh")
+
+
+def dhcpcd_argv(lab: Lab, index: int) -> list[str]:
+    hook, conf = _dhcpcd_hook(lab, index), _dhcpcd_conf(lab)
+    hook.write_text(DHCPCD_SCRIPT.replace("@LEASE_FILE@", str(lab.lease_path(index))))
+    hook.chmod(0o755)
+    return [
+        "unshare", "--mount", "--propagation", "private", "--",
+        "sh", "-c", _DHCPCD_START, "dhcpcd-lab", str(conf), str(hook), VM_IF,
+    ]  # fmt: skip
+
+
+CLIENTS = ("udhcpc", "dhcpcd")
+
+
+def client_of(lab: Lab, index: int) -> str:
+    """Which client VM index runs (or last ran)."""
+    entry = lab.read().get("processes", {}).get(role(index))
+    argv = entry.get("argv", []) if entry else []
+    return "dhcpcd" if any(a == "dhcpcd-lab" for a in argv) else "udhcpc"
 
 
 def role(index: int) -> str:
@@ -171,19 +252,24 @@ def udhcpc_argv(lab: Lab) -> list[str]:
     ]  # fmt: skip
 
 
-def start(lab: Lab, index: int, *, wait: bool = True) -> processes.ProcId:
+def start(
+    lab: Lab, index: int, *, wait: bool = True, client: str = "udhcpc"
+) -> processes.ProcId:
     """Start VM index's DHCP client (replacing a recorded one that is not running).
 
     With wait, returns after the client's first event (see wait_started).
     """
+    if client not in CLIENTS:
+        raise LabError(f"DHCP client: expected one of {', '.join(CLIENTS)}, got {client!r}")
     vm = lab.vm(index)
     current = lab.process(role(index))
     if current is not None and processes.is_running(current):
         raise LabError(f"vm{index}: DHCP client already running (pid {current.pid})")
-    if not lab.dhcp_script.exists():
+    if not lab.dhcp_script.exists() or not _dhcpcd_conf(lab).exists():
         write_script(lab)
     lab.leases_dir.mkdir(parents=True, exist_ok=True)
-    argv = netns.exec_argv(vm["namespace"], udhcpc_argv(lab))
+    inner = dhcpcd_argv(lab, index) if client == "dhcpcd" else udhcpc_argv(lab)
+    argv = netns.exec_argv(vm["namespace"], inner)
     env = dict(os.environ)
     env[LEASE_ENV] = str(lab.lease_path(index))
     _event_path(lab, index).unlink(missing_ok=True)
@@ -228,15 +314,18 @@ def stop(lab: Lab, index: int, *, release: bool = False, grace: float = 2.0) -> 
     proc = lab.process(role(index))
     if proc is None:
         return
-    if release and processes.send_signal(proc, signal.SIGUSR2):
+    # (release: udhcpc on SIGUSR2, dhcpcd on SIGHUP, which also ends it)
+    sig = signal.SIGHUP if client_of(lab, index) == "dhcpcd" else signal.SIGUSR2
+    if release and processes.send_signal(proc, sig):
         _wait_for(lambda: not lab.lease_path(index).exists(), 3.0)
     processes.stop([proc], grace=grace)
     lab.forget_process(role(index))
 
 
 def restart(lab: Lab, index: int) -> processes.ProcId:
+    client = client_of(lab, index)
     stop(lab, index)
-    return start(lab, index)
+    return start(lab, index, client=client)
 
 
 def read_lease(lab: Lab, index: int) -> Lease | None:

@@ -3,7 +3,9 @@
     /run/dom0-lab/NAME/
         lab.json              namespaces, VMs, processes (PID + start time), policy
         lab.lock              flock for read-modify-write of lab.json
-        policy.toml           the policy the controller runs with (a copy)
+        policy.toml           the policy the controller runs with: a copy of the
+                              default (or of `build.create(policy=...)`'s file);
+                              absent when `lab up --policy FILE` runs on FILE itself
         state/                the controller's --state directory (control.sock)
         logs/                 controller.log, echo-*.log, dhcp-vmI.log
         leases/vmI.lease      the VM's current DHCP lease (key=value), absent when none
@@ -98,8 +100,17 @@ class Lab:
         return self.root / "lab.lock"
 
     @property
-    def policy_path(self) -> Path:
+    def policy_copy(self) -> Path:
         return self.root / "policy.toml"
+
+    @property
+    def policy_path(self) -> Path:
+        """The file the controller runs on (its --policy): the operator's own
+        file when the lab runs on it in place, else the run directory's copy."""
+        policy = self.read().get("policy")
+        if isinstance(policy, dict) and policy.get("live") and policy.get("path"):
+            return Path(policy["path"])
+        return self.policy_copy
 
     @property
     def state_dir(self) -> Path:

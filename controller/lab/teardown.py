@@ -36,6 +36,15 @@ class DownReport:
     def found_anything(self) -> bool:
         return bool(self.stopped or self.namespaces or self.removed_rundir)
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "found": self.found_anything,
+            "stopped": sorted(self.stopped),
+            "namespaces": sorted(self.namespaces),
+            "removed_rundir": self.removed_rundir,
+        }
+
 
 def lab_namespaces(lab: Lab, record: dict[str, Any] | None = None) -> list[str]:
     """Recorded namespaces plus any that exist under the lab's naming scheme."""

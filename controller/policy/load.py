@@ -15,9 +15,10 @@ import ipaddress
 import re
 from pathlib import Path
 
-from common.toml import Checker, Problem, Problems
+from common.toml import Checker, Problem, Problems, did_you_mean
 from controller.policy import macs
 from controller.policy.model import (
+    DHCP_LOG,
     QUARANTINE,
     SERVICES,
     WAN_ALLOW,
@@ -31,7 +32,14 @@ from controller.policy.model import (
     Rule,
     Uplink,
 )
-from controller.policy.names import TemplateError, can_collide, is_label, parse_template
+from controller.policy.names import (
+    MAX_NAME,
+    TemplateError,
+    can_collide,
+    is_label,
+    parse_template,
+    suffix_problem,
+)
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 _IFGLOB = re.compile(r"^[A-Za-z0-9_.:\-*?\[\]!]{1,15}$")
@@ -55,7 +63,8 @@ def load_policy(path: str | Path) -> Policy:
 
 def load_or_report(path: str | Path, prog: str) -> Policy | None:
     """For commands: the policy, or None after printing one line per problem
-    (and what `prog` refuses to do) to stderr; the caller exits 2."""
+    to stderr (the caller exits 2). One problem is one line; several end with
+    a count, so that a reader of a log knows the list is whole."""
     import sys
 
     try:
@@ -63,7 +72,10 @@ def load_or_report(path: str | Path, prog: str) -> Policy | None:
     except PolicyError as e:
         for p in e.problems:
             print(p, file=sys.stderr)
-        print(f"{prog}: refusing an invalid policy", file=sys.stderr)
+        if len(e.problems) > 1:
+            print(
+                f"{prog}: refusing an invalid policy ({len(e.problems)} problems)", file=sys.stderr
+            )
         return None
 
 
@@ -179,8 +191,12 @@ class _Validator(Checker):
         )
         site = self.table(raw, "site", "", ["tld", "release_after"])
         tld = self.string(site, "tld", "site", "internal") or "internal"
-        if not is_label(tld):
-            self.bad("site.tld", f'{tld!r} is not a DNS label, expected e.g. "internal"')
+        if problem := suffix_problem(tld):
+            self.bad(
+                "site.tld",
+                f'{tld!r}: {problem}, expected a DNS suffix like "internal" or "home.arpa"',
+            )
+            tld = "internal"  # (the other checks go on with a valid one)
         release_after = self.duration(site, "release_after", "site", "30d", 60)
 
         bridge_t = self.table(raw, "bridge", "", ["name", "trusted_ports", "max_machines_per_port"])
@@ -202,20 +218,30 @@ class _Validator(Checker):
         for i, a in enumerate(wan_allow):
             if a not in WAN_ALLOW:
                 self.bad(
-                    f"wan.allow[{i + 1}]", f"unknown {a!r}, expected one of: {', '.join(WAN_ALLOW)}"
+                    f"wan.allow[{i + 1}]",
+                    f"unknown {a!r}{did_you_mean(a, WAN_ALLOW)}, "
+                    f"expected one of: {', '.join(WAN_ALLOW)}",
                 )
         uplink = self.uplink(raw, wan, bridge)
         hub = self.hub(raw, bridge, uplink)
 
         host = self.host(raw)
         limits = self.limits(raw)
-        dhcp_t = self.table(raw, "dhcp", "", ["lease_time"])
+        dhcp_t = self.table(raw, "dhcp", "", ["lease_time", "log"])
         lease = self.duration(dhcp_t, "lease_time", "dhcp", "1h", 120)
+        dhcp_log = self.string(dhcp_t, "log", "dhcp", "transactions")
+        if isinstance(dhcp_log, str) and dhcp_log not in DHCP_LOG:
+            self.bad(
+                "dhcp.log",
+                f"{dhcp_log!r}{did_you_mean(dhcp_log, DHCP_LOG)}, "
+                f"expected one of: {', '.join(DHCP_LOG)}",
+            )
 
         domains = self.domains(raw, wan, hub is not None or "hub" in raw)
         quarantine = self.quarantine(raw)
         self.overlaps(domains, quarantine, hub)
         rules = self.rules(raw, domains, bridge)
+        self.name_lengths(tld, rules, quarantine)
         if self.problems:
             return None
         return Policy(
@@ -228,6 +254,7 @@ class _Validator(Checker):
             uplink=uplink,
             hub=hub,
             lease_seconds=lease,
+            dhcp_log=dhcp_log,
             release_after=release_after,
             domains=domains,
             rules=tuple(rules),
@@ -403,7 +430,8 @@ class _Validator(Checker):
                 if s not in SERVICES:
                     self.bad(
                         f"{path}.services[{i + 1}]",
-                        f"unknown service {s!r}, expected one of: {', '.join(SERVICES)}",
+                        f"unknown service {s!r}{did_you_mean(s, SERVICES)}, "
+                        f"expected one of: {', '.join(SERVICES)}",
                     )
             reach = self.strings(body, "reach", path)
             in_hub = self.boolean(body, "hub", path, False)
@@ -432,7 +460,8 @@ class _Validator(Checker):
                 if other not in section:
                     self.bad(
                         f"domains.{name}.reach[{i + 1}]",
-                        f"unknown domain {other!r}, expected one of: {', '.join(section)}",
+                        f"unknown domain {other!r}{did_you_mean(other, section)}, "
+                        f"expected one of: {', '.join(section)}",
                     )
                 elif other == name:
                     self.bad(
@@ -507,7 +536,8 @@ class _Validator(Checker):
                 if domain not in raw.get("domains", {}):
                     self.bad(
                         f"{path}.domain",
-                        f"unknown domain {domain!r}, expected one of: {', '.join(domains) or '(no domains)'}",
+                        f"unknown domain {domain!r}{did_you_mean(domain, domains)}, "
+                        f"expected one of: {', '.join(domains) or '(no domains)'}",
                     )
                 domain = None
             capacity = _capacity(domains[domain].pool) if domain else 65535
@@ -636,6 +666,22 @@ class _Validator(Checker):
                         "expected it to be moved before that rule or narrowed",
                     )
                     break
+
+    def name_lengths(self, tld: str, rules: list[Rule], quarantine: Quarantine) -> None:
+        """The longest name a rule can give (its highest slot) fits in a DNS name."""
+        longest = [
+            (f"rules.{r.name}.subdomain", r.template.render(r.max_slots), r.domain) for r in rules
+        ]
+        q_slots = _capacity(quarantine.pool) if quarantine.pool else 65535
+        longest.append(("quarantine.subdomain", quarantine.template.render(q_slots), QUARANTINE))
+        for path, label, domain in longest:
+            name = f"{label}.{domain}.{tld}"
+            if len(name) > MAX_NAME:
+                self.bad(
+                    path,
+                    f"gives names like {name[:40]!r}... of {len(name)} characters, "
+                    f"expected at most {MAX_NAME} (shorten it, the domain or site.tld)",
+                )
 
     def collisions(self, rules: list[Rule]) -> None:
         for j, b in enumerate(rules):

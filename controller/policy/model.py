@@ -74,6 +74,8 @@ class Domain:
 
 # What may leave (and enter) the WAN besides the uplink's tunnel, on request.
 WAN_ALLOW = ("dhcp", "dhcpv6", "ndp")
+# dnsmasq's DHCP log: nothing routine, one line per message, or every option too
+DHCP_LOG = ("quiet", "transactions", "verbose")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +160,7 @@ class Policy:
     host: Host = field(default_factory=Host)
     max_machines_per_port: int = 1  # port security: a libvirt NIC has one MAC
     limits: Limits = field(default_factory=Limits)
+    dhcp_log: str = "transactions"  # one of DHCP_LOG
 
     def rule(self, name: str) -> Rule | None:
         """The rule of that name (a decision asks this for every machine)."""

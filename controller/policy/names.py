@@ -1,4 +1,8 @@
-"""DNS labels and subdomain name templates ('web{n}').
+"""DNS labels, the site suffix, and subdomain name templates ('web{n}').
+
+A name is `iface.container.subdomain.domain.tld`, where the site suffix `tld`
+may itself have several labels (`home.arpa`, RFC 8375): code that splits a
+name takes labels from the left, never assumes the suffix is the last one.
 
 Two rules of one domain must never be able to render the same name. Templates
 are tiny regular languages (literal text, one decimal number without leading
@@ -15,10 +19,27 @@ from dataclasses import dataclass
 LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _TEMPLATE_TEXT = re.compile(r"^[a-z0-9-]*$")
 PLACEHOLDER = "{n}"
+MAX_NAME = 253  # characters of a whole name, without the final dot (RFC 1035)
 
 
 def is_label(text: str) -> bool:
     return bool(LABEL.match(text))
+
+
+def suffix_problem(text: str) -> str | None:
+    """What is wrong with a site suffix (`internal`, `home.arpa`), or None."""
+    labels = text.split(".")
+    bad = [label for label in labels if not is_label(label)]
+    if bad:
+        return (
+            f"{bad[0]!r} is not a DNS label (1-63 of a-z, 0-9, '-', not starting or "
+            "ending with '-')"
+        )
+    if labels[-1].isdigit():
+        return f"its last label {labels[-1]!r} is all digits, which no top-level domain is"
+    if len(text) > MAX_NAME:
+        return f"{len(text)} characters, longer than the {MAX_NAME} of a DNS name"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

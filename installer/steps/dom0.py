@@ -37,7 +37,11 @@ def steps(cfg: Config) -> list[Step]:
     else:
         spec = d.package or "dom0"
     b.chroot("pip", f"{d.venv}/bin/pip", "install", "--upgrade", spec, idempotent=True)
-    path, content, mode = files.dom0_service(cfg)
-    b.write("service", path, content, mode)
+    # The unit or init script is the one shipped in init/, unchanged; only
+    # the small settings file next to it depends on the config.
+    for name, (path, content, mode) in zip(
+        ("settings", "service", "logrotate"), files.dom0_files(cfg), strict=False
+    ):
+        b.write(name, path, content, mode)
     b.enable("dom0")
     return [b.build()]

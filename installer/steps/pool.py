@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from installer.config import Config
 from installer.files import ZFS_PART, partition_device, size_arg, zvol_swap
-from installer.ops import Probe, Step, WriteSecret
+from installer.ops import Probe, RemoveFile, Step, WriteSecret
 from installer.steps.base import StepBuilder, pool_imported, zfs_exists, zfs_mounted
 
 PASSPHRASE = "zfs-passphrase"
@@ -70,6 +70,10 @@ def steps(cfg: Config) -> list[Step]:
     if enc.enabled and enc.keysource == "prompt":
         b.add(WriteSecret(b.oid("work-key"), work_key(cfg), PASSPHRASE, 0o600))
     b.run("create", *create_argv(cfg), skip_if=pool_imported(pool))
+    if enc.enabled and enc.keysource == "prompt":
+        # The pool has the key now; the new system gets its copy from the
+        # secret itself (zfs.config), and a resumed import asks again.
+        b.add(RemoveFile(b.oid("remove-work-key"), work_key(cfg)))
     out.append(b.build())
 
     b = StepBuilder(cfg, "pool.import", f"import {pool} under {cfg.install.target}", session=True)

@@ -67,3 +67,65 @@ def test_through_the_dom0_entry_point() -> None:
 def test_missing_passphrase_file_is_a_usage_error(capsys) -> None:
     assert main(["apply", "--config", EXAMPLE, "--yes", "--passphrase-file", "/no/such"]) == 2
     assert capsys.readouterr().err == "dom0 install: --passphrase-file /no/such: no such file\n"
+
+
+def _problems(tmp_path: Path, text: str) -> tuple[int, list[str]]:
+    cfg = tmp_path / "install.toml"
+    cfg.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "install", "plan", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+    )
+    assert "Traceback" not in proc.stderr
+    return proc.returncode, proc.stderr.splitlines()
+
+
+def test_config_problems_count_array_elements_from_one_and_guess_typos(tmp_path: Path) -> None:
+    """As the policy does: `users[1]` is the first user, and a typo gets a guess."""
+    text = Path(EXAMPLE).read_text()
+    assert "[[users]]" in text and "\nname = " in text
+    bad = text.replace("[[users]]\n", "[[users]]\nnaem = 'x'\n", 1)
+    code, lines = _problems(tmp_path, bad)
+    assert code == 2
+    assert any(
+        line.endswith("users[1].naem: unknown key (did you mean 'name'?), expected one of: "
+                      + line.split("expected one of: ", 1)[1])
+        for line in lines
+    ), lines  # fmt: skip
+    assert not any("users[0]" in line for line in lines), lines
+
+
+def test_apply_state_is_a_directory(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    state.write_text("{}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "install", "apply", "--config", EXAMPLE,
+         "--state", str(state)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,  # (never --yes: a regression must not reach the disks)
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        f"dom0 install: --state {state}: not a directory, expected the directory to keep "
+        f"state.json in (e.g. --state {tmp_path})\n"
+    )
+    assert state.read_text() == "{}"  # untouched
+
+
+def test_help_states_the_exit_codes() -> None:
+    for argv in ([], ["plan"], ["apply"], ["validate"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "controller.cli", "install", *argv, "--help"],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0
+        assert "exit codes: 0 ok; 1 " in proc.stdout and "2 bad" in proc.stdout, argv
+    proc = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "install", "apply", "--help"],
+        capture_output=True,
+        text=True,
+    )
+    assert "--state DIR" in proc.stdout

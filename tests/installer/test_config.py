@@ -75,14 +75,14 @@ def test_many_problems_one_line_each() -> None:
     )
     text = "\n".join(lines)
     for needle in (
-        "t.toml: disks.devices[0]: 'sda' is not an absolute device path",
+        "t.toml: disks.devices[1]: 'sda' is not an absolute device path",
         "t.toml: disks.layout: 'raid' is not allowed, expected one of: single, mirror",
         "t.toml: pool.ashift: 20 is out of range, expected 9..16",
         "t.toml: pool.name: 'mirror' is reserved by ZFS",
         "t.toml: pool.colour: unknown key, expected one of:",
         "t.toml: swap.mode: swap on a zvol can deadlock under memory pressure (OpenZFS issue 7734)",
         "t.toml: system.hostname: 'not a host' is not a valid host name",
-        "t.toml: firewall.ssh_sources[0]: '10.0.0.1/8': 10.0.0.1/8 has host bits set",
+        "t.toml: firewall.ssh_sources[1]: '10.0.0.1/8': 10.0.0.1/8 has host bits set",
     ):
         assert needle in text, needle
     for line in lines:
@@ -135,7 +135,7 @@ def test_stage3_file_must_match_the_variant() -> None:
 def test_secrets_are_never_echoed() -> None:
     lines = problems(users=[{"name": "admin", "ssh_keys": [KEY], "password_hash": "hunter2!"}])
     assert all("hunter2" not in x for x in lines)
-    assert any("users[0].password_hash: not a crypt(3) hash" in x for x in lines)
+    assert any("users[1].password_hash: not a crypt(3) hash" in x for x in lines)
 
 
 def test_sshd_needs_a_key() -> None:

@@ -246,6 +246,11 @@ def test_unmatched_mac_is_quarantined(make_lab: Any) -> None:
     assert ipaddress.ip_address(lease.ip) in ipaddress.ip_network("10.99.0.0/24")
     assert lease.router is None
     assert lease.fqdn == m["name"] == "q1.quarantine.internal"
+    # it stands out in the log; an admission reads as one
+    log = lab.controller_log.read_text()
+    assert re.search(r"WARNING .*00:16:3e:00:00:01 .*QUARANTINED, no rule matches", log), log
+    assert "QUARANTINED" not in "".join(x for x in log.splitlines() if vm.mac(lab, 1) in x)
+    assert re.search(rf"{vm.mac(lab, 1)} on vnet1: admitted by rule odd into x", log)
     # it reaches nothing: not the internet, not a VM, not dom0's gateway
     vm.run(lab, q, ["ip", "route", "replace", "default", "via", "10.99.0.1"])
     assert_blocked(probe(lab, q, ECHO), probe(lab, q, ip[1]), ping(lab.vm_ns(q), "10.99.0.1"))

@@ -309,6 +309,16 @@ def test_root_namespace_unchanged(make_lab: Callable[..., Lab]) -> None:
         (["lab", "up", "--policy", "/nonexistent/p.toml"], "dom0 lab up: --policy: "),
         (["lab", "down", "--name", "../etc"], "dom0 lab down: --name: "),
         (["lab", "demo", "--vms", "-1"], "dom0 lab demo: --vms: "),
+        (["lab", "demo", "--name", "Demo_1"], "dom0 lab demo: --name: "),
+        (["lab", "up", "--mac", "3=52:54:00:00:00:01"], "dom0 lab up: --mac: "),
+        (["lab", "up", "--mac", "vm5=52:54:00:00:00:01"], "dom0 lab up: --mac: "),
+        (["lab", "up", "--mac", "vm1=52:54:00:00:00"], "dom0 lab up: --mac: vm1: "),
+        (["lab", "up", "--mac", "vm1=01:00:5e:00:00:01"], "dom0 lab up: --mac: vm1: "),
+        (["lab", "up", "--ports", "vnet-with-a-long-name"], "dom0 lab up: --ports: "),
+        (
+            ["lab", "up", "--mac", "vm1=02:00:00:00:00:01", "--mac", "vm2=02:00:00:00:00:01"],
+            "dom0 lab up: --mac: vm2: ",
+        ),
     ],
 )
 def test_cli_rejects_bad_arguments(
@@ -320,6 +330,27 @@ def test_cli_rejects_bad_arguments(
     err = capsys.readouterr().err
     assert err.startswith(message)
     assert err.count("\n") == 1
+
+
+def test_cli_rejects_policies_the_lab_cannot_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from controller.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[site]\ntld = 7\n[[rules]]\nname = "r"\n')
+    assert main(["lab", "up", "--policy", str(bad)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("dom0 lab up: refusing an invalid policy")
+    assert all(line.startswith(f"{bad}: ") for line in err[:-1]) and len(err) > 2
+
+    other = tmp_path / "br0.toml"
+    other.write_text(build.DEFAULT_POLICY.read_text().replace('name = "virbr0"', 'name = "br0"', 1))
+    assert main(["lab", "demo", "--policy", str(other)]) == 2
+    assert capsys.readouterr().err == (
+        f"dom0 lab demo: --policy: {other}: bridge.name: 'br0' is not the lab's bridge, "
+        "expected 'virbr0'\n"
+    )
 
 
 def test_cli_up_refuses_existing_lab(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
@@ -608,3 +639,124 @@ def test_demo_peer_sampling() -> None:
     assert select_peers(1, few) == [2, 3, 4]
     many = {i: machine(i) for i in range(1, 21)}
     assert select_peers(10, many) == [8, 9, 11, 12]
+
+
+# ---- fitting VMs to a policy (pure) ----------------------------------------------------------
+
+FIT_POLICY = """
+[domains.a]
+pool = "10.30.0.0/24"
+[domains.b]
+pool = "10.40.0.0/24"
+[[rules]]
+name = "exact"
+domain = "a"
+match.mac = "52:54:00:00:00:07"
+[[rules]]
+name = "oui"
+domain = "a"
+max = 2
+match.mac = "52:54:00:*"
+[[rules]]
+name = "masked"
+domain = "b"
+match.mac_mask = "02:00:00:00:00:00/03:00:00:00:00:01"
+[[rules]]
+name = "libvirt-only"
+domain = "b"
+match.libvirt_name = "web*"
+[[rules]]
+name = "taps"
+domain = "b"
+match.interface = "tap*"
+"""
+
+
+def fit(count: int, overrides: dict[int, str] | None = None, prefix: str = "vnet") -> Any:
+    from controller.core.matching import match_rule
+    from controller.policy.load import parse_policy
+
+    policy = parse_policy(FIT_POLICY.encode(), "fit.toml")
+    specs, warnings = topology.fit_vms(policy, count, overrides, prefix)
+    for s in specs:  # every prediction is what the controller's matcher decides
+        got = match_rule(policy, s.mac, topology.BRIDGE, s.port)
+        assert (got.name if got else None) == s.rule
+    return specs, warnings
+
+
+def test_fit_takes_the_rules_in_turn_and_respects_max() -> None:
+    specs, warnings = fit(7)
+    assert [(s.rule, s.mac) for s in specs] == [
+        ("exact", "52:54:00:00:00:07"),
+        ("oui", "52:54:00:d0:00:02"),  # the lab's own MAC where the rule takes it
+        ("masked", "02:00:00:00:00:02"),  # the mask pins the last bit: 0
+        # libvirt-only and taps (no tap* port) are passed over; exact is used up
+        ("oui", "52:54:00:d0:00:04"),
+        ("masked", "02:00:00:00:00:04"),  # oui is full (max 2)
+        ("masked", "02:00:00:00:00:06"),
+        ("masked", "02:00:00:00:00:08"),
+    ]
+    assert [s.port for s in specs] == [f"vnet{i}" for i in range(1, 8)]
+    assert [s.domain for s in specs[:3]] == ["a", "a", "b"]
+    assert warnings == []
+    assert len({s.mac for s in specs}) == 7
+
+
+def test_fit_overrides_warn_when_no_rule_takes_them() -> None:
+    specs, warnings = fit(3, {2: "AA:00:00:00:00:01", 3: "52:54:00:00:00:07"})
+    assert [(s.mac, s.rule) for s in specs] == [
+        ("52:54:00:d0:00:01", "oui"),  # exact is taken by vm3's override
+        ("aa:00:00:00:00:01", None),
+        ("52:54:00:00:00:07", "exact"),
+    ]
+    assert warnings == [
+        "vm2: MAC aa:00:00:00:00:01 on port vnet2 matches no rule of fit.toml: "
+        "it will be quarantined"
+    ]
+
+
+def test_fit_port_names_and_interface_rules() -> None:
+    specs, _ = fit(4, prefix="tap")
+    assert [s.port for s in specs] == ["tap1", "tap2", "tap3", "tap4"]
+    # On tap* ports the taps rule is usable, in its turn (after the earlier rules),
+    # with the first MAC of its pattern (any) that no earlier rule takes.
+    assert [(s.rule, s.mac) for s in specs][3:] == [("taps", "00:00:00:00:00:01")]
+    assert [s.rule for s in specs] == ["exact", "oui", "masked", "taps"]
+    # Not on vnet ports: vm4 passes over taps (and the used-up exact) to oui.
+    assert [s.rule for s in fit(4)[0]] == ["exact", "oui", "masked", "oui"]
+
+
+def test_fit_without_policy_keeps_the_lab_macs() -> None:
+    specs, warnings = topology.fit_vms(None, 2, {2: "02:00:00:00:00:09"})
+    assert [(s.mac, s.rule) for s in specs] == [
+        ("52:54:00:d0:00:01", None),
+        ("02:00:00:00:00:09", None),
+    ]
+    assert warnings == []
+
+
+def test_fit_the_lab_policy_keeps_the_lab_macs() -> None:
+    from controller.policy.load import load_policy
+
+    specs, warnings = topology.fit_vms(load_policy(build.DEFAULT_POLICY), 6)
+    assert [s.mac for s in specs] == [topology.vm_mac(i) for i in range(1, 7)]
+    assert [s.rule for s in specs] == ["odd", "even"] * 3 and warnings == []
+
+
+def test_pattern_macs_are_unicast_and_inside_the_pattern() -> None:
+    from controller.policy.macs import RANDOM, Ternary, is_multicast, parse_glob, parse_mac
+
+    for pattern in (parse_glob("52:54:00:*"), RANDOM, Ternary(), parse_glob("??:??:??:??:??:?1")):
+        got = list(topology.pattern_macs(pattern, limit=64))
+        assert got and len(set(got)) == len(got)
+        for mac in got:
+            value = parse_mac(mac)
+            assert pattern.matches(value) and not is_multicast(value) and value != 0
+    assert list(topology.pattern_macs(parse_glob("52:54:00:*"), limit=3)) == [
+        "52:54:00:00:00:01",
+        "52:54:00:00:00:02",
+        "52:54:00:00:00:00",
+    ]
+    assert list(topology.pattern_macs(parse_glob("01:*"))) == []  # multicast only
+    assert topology.port_mac("fe:54:00:00:00:01") == "fa:54:00:00:00:01"
+    assert topology.port_mac("52:54:00:00:00:01") == "fe:54:00:00:00:01"

@@ -124,3 +124,22 @@ def test_addresses_look_arbitrary_but_are_reproducible() -> None:
     assert a == b
     assert len(set(a)) == 5
     assert a != sorted(a, key=str)
+
+
+def test_new_addresses_avoid_what_the_dhcp_server_has_read_while_the_pool_has_others() -> None:
+    ledger = Ledger()
+    first = assign(ledger, T, "52:54:00:00:00:01", "vnet1", 0, 60).allocation
+    assert first.address is not None
+    ledger.remove(first.mac)
+    # the same machine again gets the same address: nothing to avoid
+    again = assign(ledger, T, first.mac, "vnet1", 0, 60).allocation
+    assert again.address == first.address
+    ledger.remove(first.mac)
+    ledger.avoid = {first.address}
+    fresh = assign(ledger, T, first.mac, "vnet1", 0, 60).allocation
+    assert fresh.address != first.address
+    # once every free address is one to avoid, one of them is used all the same
+    ledger.remove(first.mac)
+    ledger.avoid = {str(ip) for ip in POOL.hosts()}
+    last = assign(ledger, T, first.mac, "vnet1", 0, 60).allocation
+    assert last.address is not None

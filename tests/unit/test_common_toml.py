@@ -131,3 +131,18 @@ def test_a_table_that_is_not_one_names_its_path() -> None:
     c = Checker("f.toml")
     assert c.table({"site": 3}, "site", "") == {}
     assert [str(p) for p in c.problems] == ["f.toml: site: is an integer, expected a table [site]"]
+
+
+def test_array_elements_are_counted_from_one() -> None:
+    from common.toml import nth
+
+    assert nth("users", 0) == "users[1]" and nth("a.b", 2) == "a.b[3]"
+
+
+def test_an_unknown_key_close_to_a_known_one_says_did_you_mean() -> None:
+    c = Checker("f.toml")
+    c.unknown_keys({"naem": 1, "zzzz": 2, "name": 3}, "t", ["name", "address"])
+    assert [str(p) for p in c.problems] == [
+        "f.toml: t.naem: unknown key (did you mean 'name'?), expected one of: name, address",
+        "f.toml: t.zzzz: unknown key, expected one of: name, address",
+    ]

@@ -53,3 +53,42 @@ def test_removal_is_a_tombstone_until_swept(tmp_path: Path) -> None:
     assert h.sweep() == 2  # A's tombstone and the junk; B is a reservation
     assert sorted(p.name for p in h.dir.iterdir()) == ["52-54-00-00-00-02"]
     assert h.read() == {B.mac: B}
+
+
+def _host(mac: str, address: str, name: str = "web1", tag: str = "x") -> DhcpHost:
+    return DhcpHost(mac, address, name, tag)
+
+
+def test_a_reused_address_marks_dnsmasq_stale_and_a_new_one_does_not(tmp_path: Path) -> None:
+    """dnsmasq keeps every address it has read: naming one again needs a restart."""
+    h = HostsDir(tmp_path)
+    calls: list[int] = []
+    h.on_stale = lambda: calls.append(1)
+    a = "52:54:00:00:00:01"
+    h.write({a: _host(a, "10.0.0.5")}, set())
+    assert not h.stale and "10.0.0.5" in h.burnt
+    h.write({a: _host(a, "10.0.0.6", "special1", "y")}, set())  # a move: a new address
+    assert not h.stale and not calls
+    h.write({a: _host(a, "10.0.0.5")}, set())  # back to the first: dnsmasq would refuse it
+    assert h.stale and calls == [1]
+    # a controller restarted meanwhile knows it too (the record is on disk)
+    assert HostsDir(tmp_path).burnt == {"10.0.0.5", "10.0.0.6"}
+    # a new dnsmasq reads only what the files name now
+    h.reset_burnt()
+    assert h.burnt == {"10.0.0.5"} and not h.stale
+    assert HostsDir(tmp_path).burnt == {"10.0.0.5"}
+
+
+def test_dnsmasq_log_levels_follow_the_policy() -> None:
+    from ipaddress import IPv4Network
+
+    from controller.core.desired import DhcpConfig, DhcpRange
+    from controller.drivers.dhcp import dnsmasq_argv
+
+    def argv(log: str) -> list[str]:
+        r = DhcpRange("x", IPv4Network("10.0.0.0/24"), "10.0.0.1", "x.internal")
+        return dnsmasq_argv(DhcpConfig("virbr0", 3600, (r,), (), log), Path("/s"))
+
+    assert "--log-dhcp" in argv("verbose") and "--quiet-dhcp" not in argv("verbose")
+    assert "--quiet-dhcp" in argv("quiet")
+    assert not {"--log-dhcp", "--quiet-dhcp"} & set(argv("transactions"))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
@@ -429,3 +430,120 @@ def test_wan_allow() -> None:
     assert p.wan_allow == ("dhcp", "ndp")
     out = problems(BASE.replace('interface = "wan"', 'interface = "wan"\nallow = ["ssh"]'))
     assert out == ["p.toml: wan.allow[1]: unknown 'ssh', expected one of: dhcp, dhcpv6, ndp"]
+
+
+# -- the site suffix may have several labels (home.arpa, RFC 8375) --------------
+HOME = BASE.replace('tld = "internal"', 'tld = "home.arpa"')
+
+
+def test_a_site_suffix_may_have_several_labels() -> None:
+    p = parse_policy(HOME.encode(), "p.toml")
+    assert p.tld == "home.arpa"
+    assert p.fqdn("web1", "x") == "web1.x.home.arpa"
+
+
+@pytest.mark.parametrize(
+    ("tld", "needle"),
+    [
+        ("home..arpa", "'home..arpa': '' is not a DNS label"),
+        ("home.arpa.", "'home.arpa.': '' is not a DNS label"),
+        ("Home.arpa", "'Home' is not a DNS label"),
+        ("-home.arpa", "'-home' is not a DNS label"),
+        ("x" * 64 + ".arpa", f"'{'x' * 64}' is not a DNS label"),
+        ("example.123", "its last label '123' is all digits"),
+    ],
+)
+def test_a_bad_site_suffix_names_its_bad_label(tld: str, needle: str) -> None:
+    out = problems(BASE.replace('tld = "internal"', f"tld = {tld!r}"))
+    assert len(out) == 1 and out[0].startswith("p.toml: site.tld: "), out
+    assert needle in out[0] and 'expected a DNS suffix like "internal" or "home.arpa"' in out[0]
+
+
+def test_names_that_would_exceed_253_characters_are_refused() -> None:
+    tld = ".".join(["a" * 60] * 3 + ["b" * 52])  # 235 characters: a valid suffix on its own
+    text = BASE.replace('tld = "internal"', f'tld = "{tld}"')
+    # "webserver-number-10.x." + 235 = 257
+    long_names = 'subdomain = "webserver-number-{n}"\nmax = 10'
+    out = problems(text.replace('subdomain = "web{n}"', long_names))
+    assert len(out) == 1 and out[0].startswith("p.toml: rules.web.subdomain: gives names like")
+    assert "of 257 characters, expected at most 253" in out[0]
+    # the control: the same suffix with names that fit ("w9.x." + 235 = 240, and the
+    # quarantine's "q65535.quarantine." + 235 = 253 exactly)
+    short_names = 'subdomain = "w{n}"\nmax = 9'
+    assert parse_policy(text.replace('subdomain = "web{n}"', short_names).encode(), "p").tld == tld
+    # the quarantine's names count too: 9 more characters of suffix, 262
+    longer = text.replace(tld, tld + ".cccccccc").replace('subdomain = "web{n}"', short_names)
+    out = problems(longer)
+    assert len(out) == 1 and out[0].startswith("p.toml: quarantine.subdomain: gives names like")
+    assert "of 262 characters" in out[0]
+
+
+def test_multi_label_suffix_end_to_end(tmp_path: Path) -> None:
+    """Names, DHCP domain options and look-ups by name with a two-label suffix."""
+    from controller.core import inventory as inv
+    from controller.core.desired import policy_state
+    from controller.drivers.dhcp import dnsmasq_argv
+    from controller.drivers.memory import MemoryAddresses, MemoryNft, MemoryTunnels
+    from controller.reconcile import Reconciler
+    from controller.wgexport import render
+
+    policy = parse_policy((HOME + '\n[quarantine]\npool = "10.99.0.0/24"\n').encode(), "p.toml")
+    dhcp = policy_state(policy, ()).dhcp
+    argv = dnsmasq_argv(dhcp, tmp_path)
+    assert "--domain=x.home.arpa,10.10.0.0/24" in argv
+    assert "--domain=quarantine.home.arpa,10.99.0.0/24" in argv
+
+    rec = Reconciler(
+        policy,
+        tmp_path,
+        nft=MemoryNft(),
+        addresses=MemoryAddresses(),
+        dnsmasq=None,
+        tunnels=cast(Any, MemoryTunnels()),  # (its observe_uplink is untyped)
+        clock=lambda: 1_000_000.0,
+    )
+    bridge = inv.Link(1, "virbr0", "bridge", None, True, "fe:54:00:d0:ff:fe")
+    port = inv.Link(100, "vnet1", "veth", 1, True, None)
+    rec.observe(inv.Snapshot((bridge, port), (inv.Fdb("52:54:00:d0:00:01", 100, False, 1),)))
+    rec.reconcile()
+    (machine,) = [m for m in rec.machines() if m.mac == "52:54:00:d0:00:01"]
+    assert machine.name == "web1.x.home.arpa"
+    for name in ("web1.x.home.arpa", "WEB1.x.home.arpa.", "web1"):
+        found = rec.find(name)
+        assert found is not None and found.mac == "52:54:00:d0:00:01", name
+    assert rec.find("web1.x") is None and rec.find("arpa") is None
+    conf = render(
+        fqdn=machine.name, mac=machine.mac, private_key="k", address="10.10.0.2",
+        hub_public_key="h", endpoint="10.250.0.1:51821", mtu=1420,
+    )  # fmt: skip
+    assert conf.startswith("# dom0 hub tunnel for web1.x.home.arpa (machine 52:54:00:d0:00:01)")
+
+
+def test_unknown_keys_say_did_you_mean() -> None:
+    out = problems(BASE.replace("internet = true", "intenet = true"))
+    assert out == [
+        "p.toml: domains.x.intenet: unknown key (did you mean 'internet'?), expected one of: "
+        "pool, gateway, reach, members_reach, internet, services, hub"
+    ]
+    # the control: nothing close, no guess
+    out = problems(BASE.replace("internet = true", "zzzz = true"))
+    assert len(out) == 1 and "did you mean" not in out[0]
+
+
+def test_unknown_values_say_did_you_mean() -> None:
+    out = problems(BASE.replace("internet = true", 'internet = true\nservices = ["dsn"]'))
+    assert out == [
+        "p.toml: domains.x.services[1]: unknown service 'dsn' (did you mean 'dns'?), "
+        "expected one of: " + out[0].split("expected one of: ", 1)[1]
+    ]
+    out = problems(BASE.replace('domain = "x"', 'domain = "xx"'))
+    assert out[0].startswith("p.toml: rules.web.domain: unknown domain 'xx' (did you mean 'x'?)")
+
+
+def test_dhcp_log_level() -> None:
+    assert parse_policy(BASE.encode(), "p.toml").dhcp_log == "transactions"
+    p = parse_policy((BASE + '\n[dhcp]\nlog = "quiet"\n').encode(), "p.toml")
+    assert p.dhcp_log == "quiet"
+    (problem,) = problems(BASE + '\n[dhcp]\nlog = "verbos"\n')
+    assert problem.startswith("p.toml: dhcp.log: 'verbos'")
+    assert "did you mean" in problem and "quiet, transactions, verbose" in problem

@@ -225,3 +225,15 @@ class Nft:
         self._script(
             "".join(f"add table {f} {TABLE}\ndelete table {f} {TABLE}\n" for f in FAMILIES)
         )
+
+    def ruleset(self) -> list[dict]:
+        """The whole ruleset of this namespace, every table (libnftables JSON
+        objects): what `dom0 host check` judges; NftError if unreadable."""
+        rc, out, err = self.ctx.cmd("list ruleset")
+        if rc != 0:
+            raise NftError((err or "nftables cannot list the ruleset").strip().splitlines()[0])
+        return [o for o in json.loads(out or '{"nftables": []}')["nftables"] if "metainfo" not in o]
+
+    def delete_table(self, family: str, name: str) -> None:
+        """Remove one table if it exists (`dom0 flush`: dom0's tables only)."""
+        self._script(f"add table {family} {name}\ndelete table {family} {name}\n")
