@@ -9,6 +9,8 @@ is the lab's own is the environment of its Python children.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -51,3 +53,15 @@ def python_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+def run_dom0(*argv: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """`dom0 ARGV...` from this tree, to completion: what an operator types."""
+    return subprocess.run(
+        [sys.executable, "-m", "controller.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=python_env(),
+        check=False,
+    )

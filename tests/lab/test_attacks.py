@@ -131,7 +131,11 @@ def assert_consistent(lab: Lab) -> None:
     leased = set(parse_leases(leases_text(lab), int(time.time())).by_mac)
 
     def caught_up() -> bool:
-        return all(m["confirmed"] for m in controllerproc.status(lab) if m["mac"] in leased)
+        return all(
+            m["confirmed"]
+            for m in controllerproc.status(lab)
+            if m["mac"] in leased and m["state"] in ("admitted", "quarantined")
+        )
 
     wait_for(caught_up, timeout=5, what="the controller to see the current leases")
     out = netns.run(

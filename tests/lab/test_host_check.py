@@ -22,24 +22,11 @@ from controller.lab.wait import wait_for
 pytestmark = pytest.mark.lab
 
 ROGUE_ADDRESS = "10.251.0.1/24"  # on virbr0 next to dom0's: the rogue's DHCP subnet
-LIBVIRT_DEFAULT = """<network>
-  <name>default</name>
-  <uuid>6f3a1c0e-7f4e-4f38-9d54-1a2b3c4d5e6f</uuid>
-  <forward mode='nat'/>
-  <bridge name='virbr0' stp='on' delay='0'/>
-  <ip address='192.168.122.1' netmask='255.255.255.0'>
-    <dhcp>
-      <range start='192.168.122.2' end='192.168.122.254'/>
-    </dhcp>
-  </ip>
-</network>
-"""
-DOM0_NETWORK = """<network>
-  <name>dom0</name>
-  <forward mode='bridge'/>
-  <bridge name='virbr0'/>
-</network>
-"""
+LIBVIRT_XML = Path(__file__).resolve().parents[1] / "data" / "libvirt"
+# libvirt's own `default` network (NAT and its DHCP on virbr0), and the bridge-mode
+# network that dom0 manages (docs/host.md)
+LIBVIRT_DEFAULT = (LIBVIRT_XML / "default.xml").read_text()
+DOM0_NETWORK = (LIBVIRT_XML / "dom0.xml").read_text()
 # What libvirt's iptables-nft rules look like for its default network.
 LIBVIRT_NFT = """table ip nat {
   chain POSTROUTING { type nat hook postrouting priority srcnat; policy accept; jump LIBVIRT_PRT; }

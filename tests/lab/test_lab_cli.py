@@ -13,7 +13,6 @@ import ipaddress
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -66,14 +65,7 @@ UNMATCHED = "aa:00:00:00:00:01"
 
 
 def cli(*argv: str, timeout: float = 90.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "controller.cli", *argv],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=processes.python_env(),
-        check=False,
-    )
+    return processes.run_dom0(*argv, timeout=timeout)
 
 
 @pytest.fixture

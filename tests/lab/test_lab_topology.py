@@ -62,14 +62,7 @@ def assert_gone(lab: Lab, pids: list[processes.ProcId]) -> None:
 
 
 def cli(*argv: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "controller.cli", *argv],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=processes.python_env(),
-        check=False,
-    )
+    return processes.run_dom0(*argv, timeout=timeout)
 
 
 # ---- topology ------------------------------------------------------------------------------

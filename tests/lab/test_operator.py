@@ -15,7 +15,6 @@ import ipaddress
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,12 +58,7 @@ def with_rules(base: str, rules: str) -> str:
 
 
 def cli(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "controller.cli", *args, "--state", str(lab.state_dir)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return processes.run_dom0(*args, "--state", str(lab.state_dir), timeout=30)
 
 
 def reaches(lab: Lab, i: int, address: str, source: str) -> bool:

@@ -4,31 +4,18 @@ runs the whole check against real sockets, tables and processes."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from controller.core import hostfacts as hf
 
 # libvirt's own default network (libvirt-daemon-config-network 9.0.0,
 # /usr/share/libvirt/networks/default.xml), as `virsh net-define` stores it.
-LIBVIRT_DEFAULT = """<network>
-  <name>default</name>
-  <uuid>6f3a1c0e-7f4e-4f38-9d54-1a2b3c4d5e6f</uuid>
-  <forward mode='nat'/>
-  <bridge name='virbr0' stp='on' delay='0'/>
-  <mac address='52:54:00:12:34:56'/>
-  <ip address='192.168.122.1' netmask='255.255.255.0'>
-    <dhcp>
-      <range start='192.168.122.2' end='192.168.122.254'/>
-    </dhcp>
-  </ip>
-</network>
-"""
-DOM0_NETWORK = """<network>
-  <name>dom0</name>
-  <forward mode='bridge'/>
-  <bridge name='virbr0'/>
-</network>
-"""
+LIBVIRT_XML = Path(__file__).resolve().parents[1] / "data" / "libvirt"
+# libvirt's own `default` network (NAT and its DHCP on virbr0), and the bridge-mode
+# network that dom0 manages (docs/host.md)
+LIBVIRT_DEFAULT = (LIBVIRT_XML / "default.xml").read_text()
+DOM0_NETWORK = (LIBVIRT_XML / "dom0.xml").read_text()
 
 UDP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
  2011: 00000000:0043 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 34928 2 00000000978f7a52 0
