@@ -59,6 +59,11 @@ class Target:
     max_slots: int
     underlay: IPv4Network | None = None  # hub domains: the hub's bridge pool
     underlay_gateway: IPv4Address | None = None
+    pins: tuple[tuple[int, str], ...] = ()  # this rule's (slot, fixed address)
+    pinned: frozenset[str] = frozenset()  # every fixed address of the domain
+
+    def pin(self, slot: int) -> str | None:
+        return next((a for s, a in self.pins if s == slot), None)
 
 
 UNDERLAY = "@underlay"  # the address space of hub machines' bridge addresses
@@ -87,6 +92,8 @@ def target_for(policy: Policy, rule_name: str | None) -> Target:
         rule.max_slots,
         hub.pool if hub else None,
         hub.gateway if hub else None,
+        rule.pins,
+        policy.pinned.get(domain.name, frozenset()),
     )
 
 
@@ -173,13 +180,18 @@ class Ledger:
         return n if n <= t.max_slots else None
 
     def free_address(self, t: Target, key: str) -> str | None:
-        return self.free_in(t.domain, t.pool, t.gateway, key)
+        return self.free_in(t.domain, t.pool, t.gateway, key, t.pinned)
 
     def free_underlay(self, t: Target, key: str) -> str | None:
         return self.free_in(UNDERLAY, t.underlay, t.underlay_gateway, key)
 
     def free_in(
-        self, space: str, pool: IPv4Network | None, gateway: IPv4Address | None, key: str
+        self,
+        space: str,
+        pool: IPv4Network | None,
+        gateway: IPv4Address | None,
+        key: str,
+        pinned: Set[str] = frozenset(),
     ) -> str | None:
         """An unused host address of the pool, starting from a point derived
         from `key` so that addresses look arbitrary but are reproducible."""
@@ -198,7 +210,7 @@ class Ledger:
             if candidate in reserved:
                 continue
             text = str(IPv4Address(candidate))
-            if text not in used:
+            if text not in used and text not in pinned:
                 if text not in self.avoid:
                     return text
                 if fallback is None:
@@ -237,6 +249,9 @@ def fits(current: Allocation, t: Target) -> bool:
         return False
     if t.pool is None or current.address is None:
         return t.pool is None and current.address is None
+    pin = t.pin(current.slot)
+    if pin is not None or current.address in t.pinned:
+        return current.address == pin  # its own pin, and never another's
     address = _address(current.address)
     return (
         address in t.pool
@@ -276,10 +291,18 @@ def assign(
         ledger.remove(mac)
     released: list[Allocation] = []
     key = f"{t.domain}|{t.rule}|{mac}"
-    victims: Iterator[Allocation] = iter(())
+    victims: Iterator[Allocation] | None = None
     while True:
         slot = ledger.free_slot(t)
-        address = ledger.free_address(t, key)
+        pin = t.pin(slot) if slot is not None else None
+        if pin is not None:
+            holder = ledger.addresses.get(t.domain, {}).get(pin)
+            if holder is not None and holder != mac:
+                # held from before the pin: that machine moves (decided again)
+                evicted = ledger.remove(holder)
+                if evicted is not None:
+                    released.append(evicted)
+        address = pin if pin is not None else ledger.free_address(t, key)
         underlay = ledger.free_underlay(t, key)
         if (
             slot is not None
@@ -287,7 +310,7 @@ def assign(
             and (t.underlay is None or underlay is not None)
         ):
             break
-        if not released:
+        if victims is None:
             victims = iter(ledger.reclaimable(t.rule, t.domain, now, release_after))
         victim = next(victims, None)
         if victim is None:

@@ -34,11 +34,13 @@ from controller.policy.model import (
 )
 from controller.policy.names import (
     MAX_NAME,
+    Template,
     TemplateError,
     can_collide,
     is_label,
     parse_template,
     suffix_problem,
+    template_slot,
 )
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
@@ -255,6 +257,9 @@ class _Validator(Checker):
             hub=hub,
             lease_seconds=lease,
             dhcp_log=dhcp_log,
+            pinned={
+                d: frozenset(a for r in rules if r.domain == d for _, a in r.pins) for d in domains
+            },
             release_after=release_after,
             domains=domains,
             rules=tuple(rules),
@@ -499,7 +504,7 @@ class _Validator(Checker):
         if not isinstance(section, list) or not all(isinstance(r, dict) for r in section):
             self.bad("rules", self.mistyped(section, "[[rules]] tables"))
             return []
-        allowed = ["name", "domain", "subdomain", "max", "max_per_port", "match"]
+        allowed = ["name", "domain", "subdomain", "max", "max_per_port", "match", "address", "pins"]
         rules: list[Rule] = []
         matches: list[tuple[str, Match]] = []  # every parsed match, for shadowing
         seen: dict[str, str] = {}
@@ -569,11 +574,83 @@ class _Validator(Checker):
                 if "max_per_port" in body
                 else None
             )
+            pins = (
+                self.pins(body, path, domains[domain], template, max_slots)
+                if domain and template
+                else ()
+            )
             if name and domain and template and match:
-                rules.append(Rule(name, domain, template, max_slots, match, per_port))
+                rules.append(Rule(name, domain, template, max_slots, match, per_port, pins))
         self.shadows(matches)
         self.collisions(rules)
+        self.pins_unique(rules)
         return rules
+
+    def pins(
+        self, body: dict, path: str, domain: Domain, template: Template, max_slots: int
+    ) -> tuple[tuple[int, str], ...]:
+        """`address = A` (a rule of one machine) and `pins = { NAME = A }`
+        (names this rule gives): fixed addresses in the domain's pool."""
+        wanted: list[tuple[str, int, object]] = []
+        if "address" in body:
+            if max_slots != 1:
+                self.bad(
+                    f"{path}.address",
+                    f"a fixed address for a rule of {max_slots} machines, expected max = 1 "
+                    "(or pins = { NAME = ADDRESS } for some of its machines)",
+                )
+            else:
+                wanted.append((f"{path}.address", 1, body["address"]))
+        table = body.get("pins", {})
+        if not isinstance(table, dict):
+            self.bad(f"{path}.pins", self.mistyped(table, 'a table like { web1 = "10.0.0.5" }'))
+            table = {}
+        for label, value in table.items():
+            slot = template_slot(template, label, max_slots)
+            if slot is None:
+                first = template.render(1)
+                last = template.render(max_slots)
+                self.bad(
+                    f"{path}.pins.{label}",
+                    f"not a name this rule gives, expected one of {first} .. {last}",
+                )
+                continue
+            wanted.append((f"{path}.pins.{label}", slot, value))
+        out: dict[int, str] = {}
+        reserved = {domain.pool.network_address, domain.pool.broadcast_address, domain.gateway}
+        for where, slot, value in wanted:
+            try:
+                address = ipaddress.IPv4Address(value) if isinstance(value, str) else None
+            except ValueError:
+                address = None
+            if address is None:
+                self.bad(where, f"{value!r}, expected an IPv4 address in {domain.pool}")
+            elif address not in domain.pool or address in reserved:
+                self.bad(
+                    where,
+                    f"{address} is not a machine address of domain {domain.name}'s pool "
+                    f"{domain.pool}, expected one in it other than its network, broadcast "
+                    f"and gateway ({domain.gateway})",
+                )
+            elif slot in out:
+                self.bad(where, f"{template.render(slot)} is pinned twice, expected one address")
+            else:
+                out[slot] = str(address)
+        return tuple(sorted(out.items()))
+
+    def pins_unique(self, rules: list[Rule]) -> None:
+        used: dict[tuple[str, str], str] = {}
+        for r in rules:
+            for slot, address in r.pins:
+                where = f"rules.{r.name} ({r.template.render(slot)})"
+                if (r.domain, address) in used:
+                    self.bad(
+                        f"rules.{r.name}.pins",
+                        f"{address} is pinned for {used[(r.domain, address)]} too, "
+                        "expected each address pinned once",
+                    )
+                else:
+                    used[(r.domain, address)] = where
 
     def match(self, body: object, path: str) -> Match | None:
         allowed = [

@@ -58,6 +58,7 @@ class Rule:
     max_slots: int
     match: Match
     max_per_port: int | None = None  # machines of this rule one bridge port may hold
+    pins: tuple[tuple[int, str], ...] = ()  # (slot, fixed address in the domain's pool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +162,8 @@ class Policy:
     max_machines_per_port: int = 1  # port security: a libvirt NIC has one MAC
     limits: Limits = field(default_factory=Limits)
     dhcp_log: str = "transactions"  # one of DHCP_LOG
+    # domain -> every address pinned in it (rules' `address`/`pins`): no one else's
+    pinned: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def rule(self, name: str) -> Rule | None:
         """The rule of that name (a decision asks this for every machine)."""

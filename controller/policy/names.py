@@ -56,6 +56,19 @@ class Template:
         return f"{self.prefix}{PLACEHOLDER}{self.suffix}" if self.numbered else self.prefix
 
 
+def template_slot(template: Template, label: str, max_slots: int) -> int | None:
+    """The slot whose name `template` renders as `label`, or None."""
+    if not template.numbered:
+        return 1 if label == template.prefix else None
+    if not (label.startswith(template.prefix) and label.endswith(template.suffix)):
+        return None
+    digits = label[len(template.prefix) : len(label) - len(template.suffix)]
+    if not digits.isdigit() or digits != str(int(digits)):
+        return None
+    n = int(digits)
+    return n if 1 <= n <= max_slots else None
+
+
 class TemplateError(ValueError):
     pass
 

@@ -180,3 +180,28 @@ def test_a_restart_like_the_service_keeps_dnsmasq_and_wireguard_go(make_lab: Any
     assert f"adopted running dnsmasq pid {dnsmasq}" in log
     assert reply["stats"]["errors"] == 0
     assert dhcpclient.renew(lab, 1, timeout=10) is not None
+
+
+def test_a_pinned_machine_leases_its_pinned_address(make_lab: Any, tmp_path: Path) -> None:
+    """`pins = { web1 = ... }` on rule odd: vm1 (web1) leases that address; vm3
+    (web2) does not get it. Pinning web2 later moves vm3 to its pin."""
+    base = BRIDGE_POLICY.read_text()
+    pinned = base.replace(
+        'subdomain = "web{n}"\n', 'subdomain = "web{n}"\npins = { web1 = "10.10.0.50" }\n', 1
+    )
+    assert pinned != base
+    policy = tmp_path / "policy.toml"
+    policy.write_text(pinned)
+    lab = make_lab(3, controller=True, policy=policy)
+    lease1, lease3 = dhcpclient.read_lease(lab, 1), dhcpclient.read_lease(lab, 3)
+    assert lease1 is not None and lease1.ip == "10.10.0.50" and lease1.fqdn == "web1.x.internal"
+    assert lease3 is not None and lease3.ip != "10.10.0.50"
+    both = lab.policy_path.read_text().replace(
+        'pins = { web1 = "10.10.0.50" }', 'pins = { web1 = "10.10.0.50", web2 = "10.10.0.60" }'
+    )
+    assert controllerproc.reload(lab, both) == "applying"
+    m3 = controllerproc.machine(lab, vm.mac(lab, 3))
+    assert m3 is not None and m3["address"] == "10.10.0.60" and m3["name"] == "web2.x.internal"
+    renewed = dhcpclient.renew(lab, 3, timeout=10)
+    assert renewed is not None and renewed.ip == "10.10.0.60"
+    assert reaches(lab, 3, lease1.ip, "10.10.0.60")  # and it works there

@@ -143,3 +143,29 @@ def test_new_addresses_avoid_what_the_dhcp_server_has_read_while_the_pool_has_ot
     ledger.avoid = {str(ip) for ip in POOL.hosts()}
     last = assign(ledger, T, first.mac, "vnet1", 0, 60).allocation
     assert last.address is not None
+
+
+def test_a_pinned_slot_gets_its_address_and_nobody_else_does() -> None:
+    pinned = Target(
+        "web", "x", POOL, GW, 12, pins=((1, "10.10.0.9"),), pinned=frozenset({"10.10.0.9"})
+    )
+    # a machine holding the address from before the pin gives it up
+    ledger = Ledger()
+    squatter = None
+    for i in range(40):
+        a = assign(ledger, T2, f"52:54:00:00:02:{i:02x}", "p", 0, 60).allocation
+        if a.address == "10.10.0.9":
+            squatter = a
+            break
+        ledger.remove(a.mac)
+    assert squatter is not None
+    d = assign(ledger, pinned, "52:54:00:00:00:01", "vnet1", 0, 60)
+    assert d.allocation.address == "10.10.0.9" and d.allocation.slot == 1
+    assert [r.mac for r in d.released] == [squatter.mac]
+    # the rule's other slots, and other rules of the domain, never get it
+    rest = [
+        assign(ledger, pinned, f"52:54:00:00:03:{i:02x}", "p", 0, 60).allocation for i in range(9)
+    ]
+    t2 = Target("db", "x", POOL, GW, 5, pinned=frozenset({"10.10.0.9"}))
+    rest += [assign(ledger, t2, f"52:54:00:00:04:{i:02x}", "p", 0, 60).allocation for i in range(1)]
+    assert all(a.address != "10.10.0.9" for a in rest)

@@ -547,3 +547,42 @@ def test_dhcp_log_level() -> None:
     (problem,) = problems(BASE + '\n[dhcp]\nlog = "verbos"\n')
     assert problem.startswith("p.toml: dhcp.log: 'verbos'")
     assert "did you mean" in problem and "quiet, transactions, verbose" in problem
+
+
+PINNED = BASE.replace(
+    'match.mac = "52:54:00:*"', 'match.mac = "52:54:00:*"\npins = { web1 = "10.10.0.50" }'
+)
+
+
+def test_pins_give_fixed_addresses_in_the_pool() -> None:
+    p = parse_policy(PINNED.encode(), "p.toml")
+    assert p.rules[0].pins == ((1, "10.10.0.50"),)
+    assert p.pinned["x"] == frozenset({"10.10.0.50"})
+    one = BASE.replace(
+        'match.mac = "52:54:00:*"', 'match.mac = "52:54:00:*"\nmax = 1\naddress = "10.10.0.9"'
+    )
+    assert parse_policy(
+        one.replace('subdomain = "web{n}"', 'subdomain = "web"').encode(), "p"
+    ).rules[0].pins == ((1, "10.10.0.9"),)
+
+
+def test_bad_pins_are_one_line_each() -> None:
+    (outside,) = problems(PINNED.replace("10.10.0.50", "10.20.0.5"))
+    assert outside.startswith("p.toml: rules.web.pins.web1: 10.20.0.5 is not a machine address")
+    (gateway,) = problems(PINNED.replace("10.10.0.50", "10.10.0.1"))
+    assert "other than its network, broadcast and gateway" in gateway
+    (name,) = problems(PINNED.replace("web1 =", "db1 ="))
+    assert name.startswith("p.toml: rules.web.pins.db1: not a name this rule gives")
+    (twice,) = problems(
+        PINNED.replace('web1 = "10.10.0.50"', 'web1 = "10.10.0.50", web2 = "10.10.0.50"')
+    )
+    assert "pinned for rules.web (web1) too" in twice
+    (many,) = problems(
+        BASE.replace('match.mac = "52:54:00:*"', 'match.mac = "52:54:00:*"\naddress = "10.10.0.9"')
+    )
+    assert (
+        many.startswith("p.toml: rules.web.address: a fixed address for a rule of")
+        and "max = 1" in many
+    )
+    (garbage,) = problems(PINNED.replace('"10.10.0.50"', '"ten"'))
+    assert "expected an IPv4 address in 10.10.0.0/24" in garbage
