@@ -43,6 +43,7 @@ from controller.drivers.wireguard import WireGuard, detect
 from controller.policy.load import PolicyError, load_or_report, load_policy
 from controller.policy.model import Policy
 from controller.reconcile import Reconciler
+from controller.runlock import LOCK_NAME, claim
 from controller.sources import leases
 from controller.sources.netlink import NetlinkSource
 from controller.store import StoreError
@@ -318,6 +319,18 @@ def run_command(policy_file: str, state_dir: str, log_level: str, resync: float)
         os.chmod(state, 0o711)
     except OSError as e:
         print(f"dom0 run: state directory {state_dir}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    try:
+        lock = claim(state)
+    except OSError as e:
+        print(f"dom0 run: {state / LOCK_NAME}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if lock is None:
+        print(
+            f"dom0 run: a controller already runs with state {state_dir} "
+            f"(it holds {state / LOCK_NAME}): stop it first",
+            file=sys.stderr,
+        )
         return 1
     try:
         enable_forwarding()

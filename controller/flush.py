@@ -47,6 +47,7 @@ from controller.core.desired import Address
 from controller.drivers.tunnels import OwnedRoute, OwnedRule
 from controller.policy.load import load_or_report
 from controller.policy.model import Policy
+from controller.runlock import held_by_a_controller
 
 PROG = "dom0 flush"
 # The kill switch goes last: nothing leaves the WAN in the clear while the
@@ -279,10 +280,11 @@ def flush_command(
         )
         return 1
     state = Path(state_dir)
-    if controller_answers(state):
+    if controller_answers(state) or held_by_a_controller(state):
         print(
             f"{PROG}: a controller is running with state {state_dir} "
-            f"({state / SOCKET_NAME} answers): stop it first (SIGTERM keeps the data plane)",
+            f"({state / SOCKET_NAME} answers, or it holds controller.lock): stop it first "
+            "(SIGTERM keeps the data plane)",
             file=sys.stderr,
         )
         return 1

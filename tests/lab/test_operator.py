@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from common import processes as common_processes
-from controller.lab import controllerproc, dhcpclient, processes, topology, vm
+from controller.lab import controllerproc, dhcpclient, netns, processes, topology, vm
 from controller.lab.expect import assert_blocked, assert_reached
 from controller.lab.probe import ProbeResult
 from controller.lab.rundir import Lab
@@ -166,6 +166,13 @@ def test_a_restart_like_the_service_keeps_dnsmasq_and_wireguard_go(make_lab: Any
     dnsmasq = controllerproc.reply(lab)["dnsmasq_pid"]
     wg = _wireguard_pids(lab)
     assert dnsmasq and len(wg) >= 2, wg  # wg0 (uplink) and the hub
+    # a second controller on the same state is refused; the first runs on
+    second = netns.run(
+        lab.dom0_ns, controllerproc.run_argv(lab), env=processes.python_env(), check=False
+    )
+    assert second.returncode == 1 and "a controller already runs" in second.stderr
+    assert second.stderr.count("\n") == 1, second.stderr
+    controllerproc.check_running(lab)
     proc = controllerproc.pid(lab)
     assert proc is not None
     processes.send_signal(proc, signal.SIGTERM)
