@@ -157,7 +157,7 @@ def renew_command(state_dir: str, name: str, *, as_json: bool = False) -> int:
     try:
         reply = request(state_dir, "renew", name=name)
     except (OSError, ValueError) as e:
-        reply = {"ok": False, "error": unreachable(state_dir, e)}
+        return failed("dom0 machine renew", unreachable(state_dir, e), as_json=as_json)
     if as_json:
         print(json.dumps(reply))
     elif reply.get("ok"):
