@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _policy(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("policy", help="policy files: check")
+    p = sub.add_parser("policy", help="policy files: check, explain")
     psub = p.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=type(p))
     psub.required = True
     check = psub.add_parser("check", help="validate policy files; one line per problem")
@@ -45,6 +45,43 @@ def _policy(sub: argparse._SubParsersAction) -> None:
         return check_command(args.files, as_json=args.json)
 
     check.set_defaults(handler=handler)
+
+    explain = psub.add_parser(
+        "explain",
+        help="may FROM open a connection to TO on SERVICE? which policy line decides",
+        epilog="exit codes: 0 ok; 1 dropped (or the state directory cannot be read); "
+        "2 bad input (argument, policy, a name the policy does not know)",
+    )
+    explain.add_argument("file", metavar="FILE", help=POLICY_HELP)
+    explain.add_argument("source", metavar="FROM", help="a machine (pc1.lan) or a domain (lan)")
+    explain.add_argument(
+        "destination",
+        metavar="TO",
+        help="a machine (www1.dmz), a domain, internet, or an address (dom0's, or outside)",
+    )
+    explain.add_argument("service", metavar="SERVICE", help="tcp/PORT, udp/PORT or icmp")
+    explain.add_argument(
+        "--state",
+        default=DEFAULT_STATE,
+        metavar="DIR",
+        help=f"machines as this state directory holds them; without a store there, "
+        f"stand-ins at addresses of their pools (default: {DEFAULT_STATE})",
+    )
+    explain.add_argument("--json", action="store_true", help=JSON_HELP)
+
+    def explain_handler(args: argparse.Namespace) -> int:
+        from controller.explainview import explain_command
+
+        return explain_command(
+            args.file,
+            args.source,
+            args.destination,
+            args.service,
+            state=args.state,
+            as_json=args.json,
+        )
+
+    explain.set_defaults(handler=explain_handler)
 
 
 def _plan(sub: argparse._SubParsersAction) -> None:

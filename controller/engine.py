@@ -79,7 +79,14 @@ RENEW_WAIT_MAX = 3.0
 
 
 class Controller:
-    def __init__(self, policy_path: Path, policy: Policy, state_dir: Path, resync: float) -> None:
+    def __init__(
+        self,
+        policy_path: Path,
+        policy: Policy,
+        state_dir: Path,
+        resync: float,
+        bridge_netfilter: bool = True,
+    ) -> None:
         self.policy_path = policy_path
         self.policy_digest = _digest(policy_path)
         self.state_dir = state_dir
@@ -97,6 +104,7 @@ class Controller:
             dnsmasq=self.dnsmasq,
             tunnels=Tunnels(_wireguard(state_dir), addresses.ipr, state_dir),
             renew=self._renew,
+            bridge_netfilter=bridge_netfilter,
         )
         self.last_policy_error: str | None = None
         self.send, self.recv = trio.open_memory_channel[Item](10_000)
@@ -333,8 +341,8 @@ def run_command(policy_file: str, state_dir: str, log_level: str, resync: float)
         )
         return 1
     try:
-        enable_forwarding()
-        controller = Controller(Path(policy_file), policy, state, resync)
+        bridged = enable_forwarding()
+        controller = Controller(Path(policy_file), policy, state, resync, bridged)
     except (OSError, StoreError) as e:
         print(f"dom0 run: {e}", file=sys.stderr)
         return 1

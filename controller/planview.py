@@ -24,6 +24,7 @@ from controller.core.desired import fqdn_of, policy_state
 from controller.core.leases import parse_leases
 from controller.core.plan import flatten, plan
 from controller.dataplane import DataPlane
+from controller.drivers.addresses import bridge_netfilter
 from controller.policy.load import load_or_report
 from controller.store import Store, StoreError
 
@@ -144,7 +145,7 @@ def plan_command(policy_file: str, state_dir: str, *, as_json: bool = False) -> 
     refused = [
         {"mac": mac, "refused": out.refused} for mac, out in d.outcomes.items() if out.refused
     ][:100]
-    pstate = policy_state(policy, inventory.foreign_ports)
+    pstate = policy_state(policy, inventory.foreign_ports, bridge_netfilter=bridge_netfilter())
     desired = flatten(pstate, [m for m in d.states.values() if m is not None])
     observed = _dataplane(state).observe(desired, {policy.bridge})
     p = plan(desired, observed)

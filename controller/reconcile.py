@@ -31,6 +31,7 @@ from controller.core.desired import (
     MachineState,
     PolicyState,
     fqdn_of,
+    limited_members,
     machine_state,
     policy_state,
     port_of,
@@ -131,6 +132,7 @@ class Reconciler:
         keys: MachineKeys | None = None,
         clock: Callable[[], float] = time.time,
         renew: Callable[[str, str], None] | None = None,
+        bridge_netfilter: bool = True,
     ) -> None:
         self.policy = policy
         self.state_dir = state_dir
@@ -145,6 +147,8 @@ class Reconciler:
         )
         self.keys = keys if keys is not None else MachineKeys(state_dir)
         self.clock = clock
+        self.bridge_netfilter = bridge_netfilter  # bridged IPv4 meets the inet tables
+        self._warn_unbridged()
         self.tables = inv.EMPTY
         self.inventory = inv.inventory(self.tables, policy.bridge)
         self.applied: dict[str, MachineState] = {}
@@ -232,8 +236,19 @@ class Reconciler:
 
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
+        self._warn_unbridged()
         self.dirty_all = True
         self.repairing = False  # what the next sync changes, the new policy asks for
+
+    def _warn_unbridged(self) -> None:
+        if self.bridge_netfilter:
+            return
+        for d in limited_members(self.policy):
+            log.warning(
+                "domain %s: its members' allow entry limits them to some ports, which "
+                "needs br_netfilter (not loaded): they get no direct path at all",
+                d,
+            )
 
     def request_resync(self, repair: bool = False) -> None:
         """The next reconcile is a full sync against what the drivers hold;
@@ -345,7 +360,10 @@ class Reconciler:
         self.inventory = inv.inventory(self.tables, self.policy.bridge)
         states = self._decide(set(self.inventory.sightings) | set(self.ledger.by_mac), now)
         machines = {mac: s for mac, s in states.items() if s is not None}
-        return policy_state(self.policy, self.inventory.foreign_ports), machines
+        state = policy_state(
+            self.policy, self.inventory.foreign_ports, bridge_netfilter=self.bridge_netfilter
+        )
+        return state, machines
 
     # -- applying --------------------------------------------------------------
     def reconcile(self) -> None:

@@ -15,7 +15,10 @@ to everything committed:
   (wireguard-go here, the driver's userspace backend, in its own private
   mount namespace), the DHCP reservation file in place;
 - bridge policy (policies/lab-bridge.toml's shape): the same without key
-  and hub peer.
+  and hub peer;
+- allow policy: the bridge policy with allow lists by protocol and port (a
+  rule's own grant, destinations by name glob): a machine also joins its
+  groups, one element each.
 
 No dnsmasq runs: it re-reads the reservation directory through inotify on
 its own, after the controller is done, so it is no part of admission's
@@ -110,7 +113,35 @@ internet = true
 services = ["dns", "icmp"]
 """
 )
-POLICIES = {"hub": HUB_POLICY, "bridge": BRIDGE_POLICY}
+# The bridge policy with allow lists by protocol and port, as
+# policies/example.toml writes them: domain-wide entries, a rule's own grant,
+# and destinations by name glob (every even machine, db{n}, joins one or two
+# name groups; every odd one its rule's group).
+ALLOW_POLICY = (
+    _COMMON.replace(
+        'subdomain = "web{n}"\n',
+        'subdomain = "web{n}"\n'
+        'allow = [{ to = "db*.y", ports = ["tcp/22"] }, { to = "y", ports = ["udp/5353"] }]\n',
+    )
+    + """
+[domains.x]
+pool = "10.64.0.0/16"
+members_reach = false
+services = ["dns", "icmp"]
+allow = [
+  { to = "y", ports = ["tcp/443", "tcp/8000-8100"] },
+  { to = "x", ports = ["tcp/22", "icmp"] },
+  { to = "internet", ports = ["tcp/80", "tcp/443", "udp/53"] },
+  { to = "203.0.113.0/24" },
+  { to = "db1*.y", ports = ["tcp/5432"] },
+]
+[domains.y]
+pool = "10.65.0.0/16"
+services = ["dns", "icmp"]
+allow = [{ to = "internet", ports = ["tcp/443"] }]
+"""
+)
+POLICIES = {"hub": HUB_POLICY, "bridge": BRIDGE_POLICY, "allow": ALLOW_POLICY}
 
 BRIDGE_INDEX = 1_000_000  # synthesized ifindexes, far from real ones
 
@@ -263,13 +294,14 @@ def ratios(result: dict, sizes: list[int]) -> dict:
         out[f"{variant}_rebuild_over_admit_at_{hi}"] = ratio(
             r[hi]["rebuild"]["median_ms"], r[hi]["admit"]["median_ms"], 1
         )
-    out["hub_over_bridge"] = {
-        n: ratio(
-            result["hub"]["sizes"][n]["admit"]["median_ms"],
-            result["bridge"]["sizes"][n]["admit"]["median_ms"],
-        )
-        for n in map(str, sizes)
-    }
+    for variant in ("hub", "allow"):
+        out[f"{variant}_over_bridge"] = {
+            n: ratio(
+                result[variant]["sizes"][n]["admit"]["median_ms"],
+                result["bridge"]["sizes"][n]["admit"]["median_ms"],
+            )
+            for n in map(str, sizes)
+        }
     if peer:
         for what, label in (("admit", ""), ("admit_mac", "_mac")):
             if lo != hi:
@@ -382,6 +414,10 @@ def bench_command(args: argparse.Namespace) -> int:
         "rebuilds": args.rebuilds,
         "hub": {"policy": "policies/lab.toml's shape", "sizes": dom0["hub"]},
         "bridge": {"policy": "policies/lab-bridge.toml's shape", "sizes": dom0["bridge"]},
+        "allow": {
+            "policy": "the bridge shape with allow lists (ports, a rule's grant, name globs)",
+            "sizes": dom0["allow"],
+        },
         "firewalld": peer,
     }
     result["ratios"] = ratios(result, sizes)

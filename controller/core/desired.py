@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatchcase
 from ipaddress import IPv4Network, ip_interface
 
 from controller.core.allocation import Allocation
@@ -40,16 +41,39 @@ SERVICE = ("inet", "services")
 ICMP = ("inet", "ping")  # pool . gateway: may ping dom0 there
 SSH4 = ("inet", "ssh4")  # ipv4_addr (interval): may reach dom0's sshd (host.ssh_from)
 SSH6 = ("inet", "ssh6")  # ipv6_addr (interval)
+NAT_OUT = ("inet", "nat_out")  # ipv4_addr (interval): pools masqueraded when they leave
+# Per machine, one set per group that allow lists name (all `ipv4_addr`, in
+# `inet dom0`, named GROUP_PREFIX...): the machines of a rule that has an
+# allow list (`grp_r_RULE`), the machines whose names an allow list's
+# destination glob matches (`grp_mN`). A machine joins its groups: one
+# element each, whatever the lists say.
+GROUP_PREFIX = "grp_"
 
 MACHINE_SETS = (PORT_MAC, MACS, BINDING, PORT_ADDR, PORT_BCAST, DHCP_CLIENT, DHCP_REPLY, SELF4)
 # Elements the machines of one port share (the incremental path counts the
 # port's other machines in: see core.plan.plan_machines).
 PORT_SETS = (PORT_BCAST,)
-POLICY_SETS = (EXEMPT, PEERS, DHCP_SERVER, REACH, EGRESS, SERVICE, ICMP, SSH4, SSH6)
+POLICY_SETS = (EXEMPT, PEERS, DHCP_SERVER, REACH, EGRESS, SERVICE, ICMP, SSH4, SSH6, NAT_OUT)
 ALL_SETS = MACHINE_SETS + POLICY_SETS
 
 Element = tuple[str, ...]
 Address = tuple[str, str]  # (interface, "a.b.c.d/len")
+
+
+@dataclass(frozen=True, slots=True)
+class AllowRule:
+    """One rule of `inet dom0`'s `allow` chain: an allow entry, for one of
+    its protocols. Addresses are CIDRs or a group set (`@grp_...`)."""
+
+    where: str  # the policy line it comes from (what `policy explain` names)
+    src: str  # a domain's pool, or a rule's group
+    dst: str | None  # a pool, a network outside, a group of machines; None: anywhere
+    out: bool  # only out of the egress interface (the internet, a network outside)
+    proto: str | None = None  # None: every protocol
+    ports: tuple[tuple[int, int], ...] = ()  # () every port
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +92,8 @@ class Shape:
     ping: bool = True
     dhcp_client: bool = True
     limits: Limits = field(default_factory=Limits)
+    allow: tuple[AllowRule, ...] = ()  # the allow lists, in policy order
+    groups: tuple[str, ...] = ()  # the group sets they name (GROUP_PREFIX...)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -216,6 +242,79 @@ def fqdn_of(policy: Policy, a: Allocation) -> str:
     return policy.fqdn(label_of(policy, a), a.domain)
 
 
+@dataclass(frozen=True, slots=True)
+class Groups:
+    """The group sets a policy's allow lists name."""
+
+    rules: Mapping[str, str]  # rule name -> its machines' set
+    names: tuple[tuple[str, str, str], ...]  # (set, domain, label glob) of named machines
+
+    @property
+    def sets(self) -> tuple[str, ...]:
+        return (*self.rules.values(), *(s for s, _, _ in self.names))
+
+
+# id(policy) -> (policy, its groups): asked at every admission, built once
+_GROUPS: dict[int, tuple[Policy, Groups]] = {}
+
+
+def groups_of(policy: Policy) -> Groups:
+    cached = _GROUPS.get(id(policy))
+    if cached is not None and cached[0] is policy:
+        return cached[1]
+    rules = {r.name: f"{GROUP_PREFIX}r_{r.name}" for r in policy.rules if r.allow}
+    named: dict[str, str] = {}
+    for g in policy.grants:
+        if g.kind == "machines" and g.to not in named:
+            named[g.to] = f"{GROUP_PREFIX}m{len(named) + 1}"
+    names = tuple((s, to.split(".", 1)[1], to.split(".", 1)[0]) for to, s in named.items())
+    groups = Groups(rules, names)
+    if len(_GROUPS) > 8:
+        _GROUPS.clear()
+    _GROUPS[id(policy)] = (policy, groups)
+    return groups
+
+
+def _group_elements(policy: Policy, a: Allocation) -> dict[tuple[str, str], frozenset[Element]]:
+    """The machine's elements in the groups it belongs to (by rule, by name)."""
+    if a.address is None or a.rule == QUARANTINE:
+        return {}
+    groups = groups_of(policy)
+    out: dict[tuple[str, str], frozenset[Element]] = {}
+    mine = frozenset({(a.address,)})
+    if (name := groups.rules.get(a.rule)) is not None:
+        out[("inet", name)] = mine
+    if groups.names:
+        label = label_of(policy, a)
+        for name, domain, glob in groups.names:
+            if domain == a.domain and fnmatchcase(label, glob):
+                out[("inet", name)] = mine
+    return out
+
+
+def allow_rules(policy: Policy) -> tuple[AllowRule, ...]:
+    """The `allow` chain: one rule per allow entry and protocol, in policy order."""
+    groups = groups_of(policy)
+    named = {f"{glob}.{domain}": s for s, domain, glob in groups.names}
+    out: list[AllowRule] = []
+    for g in policy.grants:
+        src = f"@{groups.rules[g.rule]}" if g.rule else str(policy.domains[g.domain].pool)
+        dst: str | None
+        if g.kind == "domain":
+            dst, leaves = str(policy.domains[g.to].pool), False
+        elif g.kind == "machines":
+            dst, leaves = f"@{named[g.to]}", False
+        elif g.kind == "internet":
+            dst, leaves = None, True
+        else:
+            dst, leaves = g.to, True
+        if not g.ports:
+            out.append(AllowRule(g.where, src, dst, leaves))
+        for p in g.ports:
+            out.append(AllowRule(g.where, src, dst, leaves, p.proto, p.ranges))
+    return tuple(out)
+
+
 def machine_state(policy: Policy, a: Allocation, public_key: str | None = None) -> MachineState:
     """What one machine needs. A hub machine's bridge address is its underlay
     (DHCP and tunnel UDP only); its domain address lives inside its tunnel,
@@ -241,13 +340,33 @@ def machine_state(policy: Policy, a: Allocation, public_key: str | None = None) 
     if domain is not None and domain.members_reach and a.underlay is None:
         # its domain's broadcasts may reach this port (and only those)
         elements[PORT_BCAST] = frozenset({(a.port, str(domain.pool.broadcast_address))})
+    elements.update(_group_elements(policy, a))
     peer = None
     if a.underlay is not None and a.address is not None and public_key is not None:
         peer = HubPeer(public_key, (f"{a.address}/32",))
     return MachineState(elements, dhcp, peer)
 
 
-def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
+def limited_members(policy: Policy) -> list[str]:
+    """Bridge domains whose members an allow entry limits to some ports."""
+    hub = policy.hub is not None
+    return sorted(
+        {
+            g.domain
+            for g in policy.grants
+            if g.to_domain == g.domain and not (policy.domains[g.domain].hub and hub)
+        }
+    )
+
+
+def policy_state(
+    policy: Policy, foreign_ports: Iterable[str], *, bridge_netfilter: bool = True
+) -> PolicyState:
+    """What the policy needs, whatever machines there are. Without
+    `bridge_netfilter` (br_netfilter not loaded: bridged IPv4 never meets the
+    inet tables), members of a domain that an allow entry limits to some
+    ports get no direct path on the bridge at all: the ports could not be
+    enforced there, so they get nothing (fail-closed)."""
     domains = policy.domains
     hub = policy.hub
     uplink = policy.uplink
@@ -285,6 +404,15 @@ def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
                     icmp.add((pool, str(d.gateway)))
                 else:
                     services.add((pool, str(d.gateway), proto, str(port)))
+    nat_out = set(egress)
+    for g in policy.grants:
+        d = domains[g.domain]
+        if g.kind in ("internet", "network"):
+            nat_out.add((str(d.pool),))
+    if bridge_netfilter:
+        # members limited to some ports still need the bridge between them
+        # (the inet tables, which br_netfilter runs for bridged IPv4, limit them)
+        peers |= {(str(domains[d].pool), str(domains[d].pool)) for d in limited_members(policy)}
     q = policy.quarantine
     if q.pool is not None and q.gateway is not None:
         addresses.add((policy.bridge, f"{q.gateway}/{q.pool.prefixlen}"))
@@ -340,6 +468,8 @@ def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
         ping=policy.host.ping,
         dhcp_client=policy.host.dhcp_client,
         limits=policy.limits,
+        allow=allow_rules(policy),
+        groups=groups_of(policy).sets,
     )
     return PolicyState(
         shape=shape,
@@ -354,6 +484,7 @@ def policy_state(policy: Policy, foreign_ports: Iterable[str]) -> PolicyState:
             ICMP: frozenset(icmp),
             SSH4: frozenset((c,) for c in policy.host.ssh_from if ":" not in c),
             SSH6: frozenset((c,) for c in policy.host.ssh_from if ":" in c),
+            NAT_OUT: frozenset(nat_out),
         },
         addresses=frozenset(addresses),
         dhcp=DhcpConfig(

@@ -7,7 +7,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from controller.core.desired import (
-    ALL_SETS,
     PORT_SETS,
     Address,
     DhcpConfig,
@@ -107,7 +106,7 @@ class Plan:
             out.append(
                 f"nftables: rebuild dom0's tables with {count} elements (chains changed or absent)"
             )
-        for key in ALL_SETS if not self.rebuild else ():
+        for key in sorted(set(self.add) | set(self.delete)) if not self.rebuild else ():
             for e in sorted(self.delete.get(key, ())):
                 out.append(f"nftables: delete {key[0]} dom0 {key[1]} {{ {' . '.join(e)} }}")
             for e in sorted(self.add.get(key, ())):

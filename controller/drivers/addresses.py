@@ -101,8 +101,14 @@ class Addresses:
             raise AddressError(f"interface(s) {', '.join(sorted(set(missing)))} do not exist (yet)")
 
 
-def enable_forwarding(proc_sys: Path = Path("/proc/sys")) -> None:
-    """Forwarding in dom0's own network namespace (the controller's)."""
+def bridge_netfilter(proc_sys: Path = Path("/proc/sys")) -> bool:
+    """Whether bridged IPv4 crosses the inet tables here (br_netfilter loaded)."""
+    return (proc_sys / "net/bridge/bridge-nf-call-iptables").exists()
+
+
+def enable_forwarding(proc_sys: Path = Path("/proc/sys")) -> bool:
+    """Forwarding in dom0's own network namespace (the controller's); whether
+    bridged IPv4 meets the inet tables (see `bridge_netfilter`)."""
     for key, value in _SYSCTLS.items():
         path = proc_sys / key
         if not path.exists():
@@ -114,3 +120,4 @@ def enable_forwarding(proc_sys: Path = Path("/proc/sys")) -> None:
             continue
         if path.read_text().strip() != value:
             path.write_text(value)
+    return bridge_netfilter(proc_sys)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from controller.core.desired import Address, Element, HubPeer, HubState, KillSwitch, Shape
 from controller.core.plan import FOREIGN_KILLSWITCH, Plan
 from controller.drivers.nft.client import KernelState, NftError
-from controller.drivers.nft.ruleset import SETS
+from controller.drivers.nft.ruleset import set_specs
 
 
 class InjectedFailure(Exception):
@@ -41,12 +41,14 @@ class MemoryNft:
     def read(self, shape: Shape) -> KernelState:
         return KernelState(
             self.shape == shape and self.shape is not None,
-            {k: frozenset(self.sets.get(k, ())) for k in SETS} if self.shape else {},
+            {k: frozenset(self.sets.get(k, ())) for k in set_specs(self.shape)}
+            if self.shape
+            else {},
         )
 
     def rebuild(self, shape: Shape, sets: Mapping[tuple[str, str], Iterable[Element]]) -> None:
         self.shape = shape
-        self.sets = {k: set(sets.get(k, ())) for k in SETS}
+        self.sets = {k: set(sets.get(k, ())) for k in set_specs(shape)}
         self.rebuilds += 1
 
     def apply(self, plan: Plan) -> None:

@@ -131,7 +131,7 @@ option domain_name_servers, domain_name, host_name, routers
 # dhcpcd keeps its pid and lease files in /run/dhcpcd and /var/lib/dhcpcd: in
 # a private mount namespace with a tmpfs over each, every VM has its own.
 _DHCPCD_START = (
-    'mkdir -p /run/dhcpcd /var/lib/dhcpcd && mount -t tmpfs tmpfs /run/dhcpcd && '
+    "mkdir -p /run/dhcpcd /var/lib/dhcpcd && mount -t tmpfs tmpfs /run/dhcpcd && "
     'mount -t tmpfs tmpfs /var/lib/dhcpcd && exec dhcpcd -B -4 -f "$1" -c "$2" "$3"'
 )
 
@@ -252,9 +252,7 @@ def udhcpc_argv(lab: Lab) -> list[str]:
     ]  # fmt: skip
 
 
-def start(
-    lab: Lab, index: int, *, wait: bool = True, client: str = "udhcpc"
-) -> processes.ProcId:
+def start(lab: Lab, index: int, *, wait: bool = True, client: str = "udhcpc") -> processes.ProcId:
     """Start VM index's DHCP client (replacing a recorded one that is not running).
 
     With wait, returns after the client's first event (see wait_started).

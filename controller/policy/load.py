@@ -17,6 +17,7 @@ from pathlib import Path
 
 from common.toml import Checker, Problem, Problems, did_you_mean
 from controller.policy import macs
+from controller.policy.allow import AllowChecker
 from controller.policy.model import (
     DHCP_LOG,
     QUARANTINE,
@@ -96,6 +97,10 @@ def parse_duration(value: object) -> int | None:
 
 class _Validator(Checker):
     error = PolicyError
+
+    def __init__(self, file: str) -> None:
+        super().__init__(file)
+        self.rule_bodies: dict[str, tuple[str, dict]] = {}  # rule name -> (path, raw table)
 
     def policy_of(self, raw: dict) -> Policy:
         policy = self.policy(raw)
@@ -244,6 +249,7 @@ class _Validator(Checker):
         self.overlaps(domains, quarantine, hub)
         rules = self.rules(raw, domains, bridge)
         self.name_lengths(tld, rules, quarantine)
+        domains, rules = self.allow_lists(raw, domains, rules, quarantine, hub, wan, tld)
         if self.problems:
             return None
         return Policy(
@@ -268,6 +274,25 @@ class _Validator(Checker):
             max_machines_per_port=per_port,
             limits=limits,
         )
+
+    def allow_lists(
+        self,
+        raw: dict,
+        domains: dict[str, Domain],
+        rules: list[Rule],
+        quarantine: Quarantine,
+        hub: Hub | None,
+        wan: str | None,
+        tld: str,
+    ) -> tuple[dict[str, Domain], list[Rule]]:
+        pools = [(f"domains.{d.name}.pool", d.pool) for d in domains.values()]
+        if quarantine.pool is not None:
+            pools.append(("quarantine.pool", quarantine.pool))
+        if hub is not None:
+            pools.append(("hub.pool", hub.pool))
+        section = raw.get("domains", {})
+        checker = AllowChecker(self, domains, rules, pools, wan, tld)
+        return checker.apply(section if isinstance(section, dict) else {}, self.rule_bodies)
 
     def uplink(self, raw: dict, wan: str | None, bridge: str) -> Uplink | None:
         if "uplink" not in raw:
@@ -405,7 +430,9 @@ class _Validator(Checker):
             return {}
         if not section:
             self.bad("domains", "none defined, expected at least one [domains.NAME] with a pool")
-        allowed = ["pool", "gateway", "reach", "members_reach", "internet", "services", "hub"]
+        allowed = [
+            "pool", "gateway", "reach", "members_reach", "internet", "services", "hub", "allow"
+        ]  # fmt: skip
         out: dict[str, Domain] = {}
         for name, body in section.items():
             path = f"domains.{name}"
@@ -504,7 +531,10 @@ class _Validator(Checker):
         if not isinstance(section, list) or not all(isinstance(r, dict) for r in section):
             self.bad("rules", self.mistyped(section, "[[rules]] tables"))
             return []
-        allowed = ["name", "domain", "subdomain", "max", "max_per_port", "match", "address", "pins"]
+        allowed = [
+            "name", "domain", "subdomain", "max", "max_per_port", "match", "address", "pins",
+            "allow",
+        ]  # fmt: skip
         rules: list[Rule] = []
         matches: list[tuple[str, Match]] = []  # every parsed match, for shadowing
         seen: dict[str, str] = {}
@@ -581,6 +611,7 @@ class _Validator(Checker):
             )
             if name and domain and template and match:
                 rules.append(Rule(name, domain, template, max_slots, match, per_port, pins))
+                self.rule_bodies[name] = (path, body)
         self.shadows(matches)
         self.collisions(rules)
         self.pins_unique(rules)

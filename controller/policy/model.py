@@ -50,6 +50,65 @@ class Match:
         return self.interface is None or fnmatch.fnmatchcase(interface, self.interface)
 
 
+# What an allow entry's `ports` may name: a protocol, with ports for tcp and udp.
+PROTOCOLS = ("tcp", "udp", "icmp")
+INTERNET = "internet"  # an allow entry's destination: anything out of the uplink (or WAN)
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """One protocol of an allow entry; `ranges` () is every port (icmp has none)."""
+
+    proto: str  # one of PROTOCOLS
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def text(self) -> str:
+        if not self.ranges:
+            return self.proto
+        return ", ".join(
+            f"{self.proto}/{lo}" if lo == hi else f"{self.proto}/{lo}-{hi}"
+            for lo, hi in self.ranges
+        )
+
+    def holds(self, proto: str, port: int | None) -> bool:
+        if proto != self.proto:
+            return False
+        return not self.ranges or (
+            port is not None and any(lo <= port <= hi for lo, hi in self.ranges)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One allow entry: machines of a domain (or of one rule) may open
+    connections to a destination, on some protocols and ports or on all.
+    Replies come back by connection tracking; nothing else is implied."""
+
+    where: str  # the policy line, e.g. "domains.lan.allow[1]"
+    domain: str  # the source's domain
+    rule: str | None  # the source is this rule's machines; None: the whole domain
+    kind: str  # "domain", "machines" (a name glob within a domain), "internet", "network"
+    to: str  # domain name, "LABEL-GLOB.DOMAIN", "internet", or a CIDR outside the site
+    ports: tuple[Ports, ...] = ()  # () every protocol and port
+
+    @property
+    def to_domain(self) -> str | None:
+        """The destination's domain (for a domain or a machine name glob)."""
+        if self.kind == "domain":
+            return self.to
+        if self.kind == "machines":
+            return self.to.split(".", 1)[1]
+        return None
+
+    @property
+    def ports_text(self) -> str:
+        return ", ".join(p.text for p in self.ports) if self.ports else "every port"
+
+    def covers(self, proto: str, port: int | None) -> bool:
+        return not self.ports or any(p.holds(proto, port) for p in self.ports)
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     name: str
@@ -59,6 +118,7 @@ class Rule:
     match: Match
     max_per_port: int | None = None  # machines of this rule one bridge port may hold
     pins: tuple[tuple[int, str], ...] = ()  # (slot, fixed address in the domain's pool)
+    allow: tuple[Grant, ...] = ()  # what this rule's machines may reach beyond their domain
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +131,7 @@ class Domain:
     internet: bool
     services: tuple[str, ...]
     hub: bool = False  # members talk only through their WireGuard tunnel to the hub
+    allow: tuple[Grant, ...] = ()  # by protocol and port (reach/internet: everything)
 
 
 # What may leave (and enter) the WAN besides the uplink's tunnel, on request.
@@ -164,6 +225,13 @@ class Policy:
     dhcp_log: str = "transactions"  # one of DHCP_LOG
     # domain -> every address pinned in it (rules' `address`/`pins`): no one else's
     pinned: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    @property
+    def grants(self) -> tuple[Grant, ...]:
+        """Every allow entry, domains' first (in file order), then rules'."""
+        return tuple(g for d in self.domains.values() for g in d.allow) + tuple(
+            g for r in self.rules for g in r.allow
+        )
 
     def rule(self, name: str) -> Rule | None:
         """The rule of that name (a decision asks this for every machine)."""

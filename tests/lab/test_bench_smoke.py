@@ -76,7 +76,7 @@ def test_bench_reconcile_tiny(tmp_path: Path) -> None:
 
     r = json.loads(out.read_text())
     assert r["runs"] == RUNS
-    for variant in ("hub", "bridge"):
+    for variant in ("hub", "bridge", "allow"):
         sizes = r[variant]["sizes"]
         assert tuple(sizes) == SIZES, variant
         for s in sizes.values():
@@ -96,7 +96,7 @@ def test_bench_reconcile_tiny(tmp_path: Path) -> None:
     else:
         assert tuple(peer["sizes"]) == SIZES
         assert all(s["admit"]["runs"] == RUNS for s in peer["sizes"].values())
-        assert set(r["ratios"]["dom0_over_firewalld"]) == {"hub", "bridge"}
+        assert set(r["ratios"]["dom0_over_firewalld"]) == {"hub", "bridge", "allow"}
 
 
 def _namespaces() -> list[str]:

@@ -96,10 +96,7 @@ def kernel_sets(lab: Lab) -> dict[tuple[str, str], frozenset[tuple[str, ...]]]:
     got = json.loads(out.stdout)
     assert got["shape_matches"], "the kernel's chains are not the ones ruleset.chains describes"
     assert got["killswitch"], "the kernel's kill switch is not the one the policy implies"
-    return {
-        tuple(k.split("/", 1)): frozenset(tuple(e) for e in v)
-        for k, v in got["sets"].items()
-    }
+    return {tuple(k.split("/", 1)): frozenset(tuple(e) for e in v) for k, v in got["sets"].items()}
 
 
 def fake_of(lab: Lab, sets: dict[tuple[str, str], frozenset[tuple[str, ...]]]) -> FakeDataPlane:

@@ -26,11 +26,11 @@ from controller.drivers.nft.ruleset import (
     BASELINE_TABLE,
     FAMILIES,
     KILLSWITCH_TABLE,
-    SETS,
     TABLE,
     chains,
     killswitch_chains,
     killswitch_marker,
+    set_specs,
     shape_marker,
 )
 
@@ -50,9 +50,7 @@ def _zeroed(v: object) -> object:
     """The listing without what traffic changes (counters) or the kernel
     numbers (handles)."""
     if isinstance(v, dict):
-        return {
-            k: (None if k == "counter" else _zeroed(x)) for k, x in v.items() if k != "handle"
-        }
+        return {k: (None if k == "counter" else _zeroed(x)) for k, x in v.items() if k != "handle"}
     if isinstance(v, list):
         return [_zeroed(x) for x in v]
     return v
@@ -174,6 +172,7 @@ class Nft:
         ok = True
         marker = shape_marker(shape)
         expected = chains(shape)
+        specs = set_specs(shape)
         for family in FAMILIES:
             objs = self._list(family, TABLE)
             if objs is None:
@@ -183,11 +182,11 @@ class Nft:
                 if "set" in obj:
                     s = obj["set"]
                     key = (family, s["name"])
-                    if key in SETS:  # (meters are the kernel's to fill)
+                    if key in specs:  # (meters are the kernel's to fill)
                         sets[key] = frozenset(elem_from_json(key, e) for e in s.get("elem", []))
             if _chain_names(objs) != {*expected[family], marker} or not stamped(objs):
                 ok = False
-        if set(sets) != set(SETS):
+        if set(sets) != set(specs):
             ok = False
         if self._list("inet", BASELINE_TABLE) is not None:
             ok = False  # the boot baseline is (back): the next write takes it over

@@ -23,7 +23,7 @@ The rules of the interpreter (nftables' semantics, as the kernel runs them):
    `==` and `!=` alike.
 2. A constant is read with the type of the expression it is compared with
    (`"ip"` as an ether type, `"udp"` as a protocol, a MAC as 48 bits, a CIDR
-   as a range); a set's elements with the kinds `ruleset.SETS` gives it, which
+   as a range); a set's elements with the kinds `ruleset.set_specs` gives it, which
    must match the expression's types component by component.
 3. `accept` ends the base chain (the hook's other base chains still run),
    `drop` ends the packet, `return` (or the end of a chain) goes back to the
@@ -83,16 +83,17 @@ from controller.core.desired import Address, Element, KillSwitch, Shape
 from controller.drivers.nft.ruleset import (
     KILLSWITCH_TABLE,
     METERS,
-    SETS,
     TABLE,
     Chain,
     chains,
     killswitch_chains,
+    set_specs,
 )
 
 BROADCAST_MAC = "ff:ff:ff:ff:ff:ff"
 DEFAULT_BRIDGE_MAC = "02:d0:00:00:00:01"  # any: tests of the fake name their own
 DOM0 = "dom0"  # an Outcome's destination: delivered to dom0's own stack
+ACCEPTED = "accepted by"  # an Outcome's note: the rule that accepted it in a base chain
 
 
 class FakeError(Exception):
@@ -321,6 +322,17 @@ class Outcome:
     @property
     def passed(self) -> bool:
         return self.dropped is None and self.to is not None
+
+    @property
+    def accepts(self) -> tuple[tuple[str, str, str, int], ...]:
+        """(family, table, chain, rule index) of every rule that accepted the
+        packet on its way, in order (one per base chain that accepted it)."""
+        out = []
+        for note in self.notes:
+            if note.startswith(ACCEPTED + " "):
+                family, table, chain, _, index = note[len(ACCEPTED) + 1 :].split()
+                out.append((family, table, chain, int(index)))
+        return tuple(out)
 
     def __str__(self) -> str:
         target = "dom0" if self.to == DOM0 else (self.to or "?")
@@ -612,6 +624,7 @@ class FakeDataPlane:
         for hooks in self._hooks.values():
             hooks.sort(key=lambda h: h[0])
         self._meters = {(m.family, m.name) for m in METERS}
+        self._specs = set_specs(shape)
         for key, table in self.tables.items():  # every rule, before any packet
             for name, (_base, rules) in table.items():
                 for i, rule in enumerate(rules):
@@ -995,6 +1008,8 @@ class FakeDataPlane:
             elif kind in ("accept", "drop"):
                 if kind == "drop":
                     ctx.drop = Drop(key[0], key[1], trail[-1][0], index, trail)
+                else:
+                    ctx.notes.append(f"{ACCEPTED} {key[0]} {key[1]} {chain} rule {index}")
                 return kind
             elif kind == "return":
                 return "return"
@@ -1052,9 +1067,11 @@ class FakeDataPlane:
 
     def _set(self, key: tuple[str, str], name: str, kind: Any) -> tuple[tuple[_Matcher, ...], ...]:
         skey = (key[0], name)
-        spec = SETS.get(skey) if key[1] == TABLE else None
+        spec = self._specs.get(skey) if key[1] == TABLE else None
         if spec is None:
-            raise UnknownExpression(f"set @{name} is not one of ruleset.SETS in {key[0]} {key[1]}")
+            raise UnknownExpression(
+                f"set @{name} is not one of ruleset.set_specs in {key[0]} {key[1]}"
+            )
         want = tuple(_KIND_TYPE.get(k, k) for k in spec.kinds)
         have = kind if isinstance(kind, tuple) else (kind,)
         if want != have:

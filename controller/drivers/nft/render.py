@@ -19,14 +19,15 @@ from controller.drivers.nft.ruleset import (
     FAMILIES,
     KILLSWITCH_TABLE,
     METERS,
-    SETS,
     TABLE,
     Chain,
     SetSpec,
     chains,
     killswitch_chains,
     killswitch_marker,
+    set_specs,
     shape_marker,
+    spec_of,
 )
 from controller.policy.macs import format_mac
 
@@ -185,7 +186,7 @@ def tables_text(
     for family in FAMILIES:
         lines += _replace(family, TABLE)
         lines.append(f"table {family} {TABLE} {{")
-        for spec in SETS.values():
+        for spec in set_specs(shape).values():
             if spec.family == family:
                 lines.append(_set_decl(spec))
         for m in METERS:
@@ -200,7 +201,7 @@ def tables_text(
             lines += _chain(name, chain)
         lines.append("}")
     for key, elements in sets.items():
-        spec = SETS[key]
+        spec = _spec(key)
         elems = sorted(element_text(spec, e) for e in elements)
         for i in range(0, len(elems), chunk):
             body = ", ".join(elems[i : i + chunk])
@@ -221,8 +222,15 @@ def killswitch_text(ks: KillSwitch) -> str:
 # -- elements as JSON (the incremental path) -----------------------------------
 
 
+def _spec(key: tuple[str, str]) -> SetSpec:
+    spec = spec_of(key)
+    if spec is None:
+        raise RenderError(f"no set {key[0]} {TABLE} {key[1]}")
+    return spec
+
+
 def elem_json(key: tuple[str, str], element: Element) -> Any:
-    spec = SETS[key]
+    spec = _spec(key)
     parts = [_value_json(k, v) for k, v in zip(spec.kinds, element, strict=True)]
     return parts[0] if len(parts) == 1 else {"concat": parts}
 
@@ -253,7 +261,7 @@ def _value_text(kind: str, v: Any) -> str:
 
 
 def elem_from_json(key: tuple[str, str], v: Any) -> Element:
-    spec = SETS[key]
+    spec = _spec(key)
     if isinstance(v, dict) and "elem" in v:
         v = v["elem"]["val"]
     values = v["concat"] if isinstance(v, dict) and "concat" in v else [v]

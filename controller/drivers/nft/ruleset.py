@@ -63,8 +63,10 @@ from controller.core.desired import (
     DHCP_SERVER,
     EGRESS,
     EXEMPT,
+    GROUP_PREFIX,
     ICMP,
     MACS,
+    NAT_OUT,
     PEERS,
     PORT_ADDR,
     PORT_BCAST,
@@ -74,12 +76,13 @@ from controller.core.desired import (
     SERVICE,
     SSH4,
     SSH6,
+    AllowRule,
     KillSwitch,
     Shape,
 )
 
 TABLE = "dom0"
-RULESET_VERSION = 3
+RULESET_VERSION = 4
 FAMILIES = ("bridge", "inet")
 KILLSWITCH_TABLE = "dom0_wan"
 # The installer's boot firewall: dom0 takes it over, deleting it in the very
@@ -156,8 +159,24 @@ SETS: dict[tuple[str, str], SetSpec] = {
         SetSpec("inet", SELF4[1], ("ipv4_addr", "ipv4_addr")),
         SetSpec("inet", SSH4[1], ("ipv4_addr",), interval=True),
         SetSpec("inet", SSH6[1], ("ipv6_addr",), interval=True),
+        SetSpec("inet", NAT_OUT[1], ("ipv4_addr",), interval=True),
     )
 }
+
+
+def spec_of(key: tuple[str, str]) -> SetSpec | None:
+    """The set of that name: one of SETS, or a group set of an allow list."""
+    spec = SETS.get(key)
+    if spec is None and key[0] == "inet" and key[1].startswith(GROUP_PREFIX):
+        return SetSpec("inet", key[1], ("ipv4_addr",))
+    return spec
+
+
+def set_specs(shape: Shape) -> dict[tuple[str, str], SetSpec]:
+    """Every set dom0's tables hold with this shape."""
+    groups = {("inet", g): SetSpec("inet", g, ("ipv4_addr",)) for g in shape.groups}
+    return {**SETS, **groups}
+
 
 METERS: tuple[Meter, ...] = (
     Meter("bridge", "unknown_rate", "ifname", timeout=60),
@@ -491,6 +510,9 @@ def _inet(shape: Shape) -> dict[str, Chain]:
         [NEW, jump("machine_limits")],
         [match(cat(pl("ip", "saddr"), pl("ip", "daddr")), "@reach"), ACCEPT],
     ]
+    if shape.allow:
+        from_machines.append([jump("allow")])
+        i["allow"] = (None, [_allow(r, egress) for r in shape.allow])
     if egress:
         from_machines.append(
             [match(meta("oifname"), egress), match(pl("ip", "saddr"), "@egress"), ACCEPT]
@@ -569,12 +591,34 @@ def _inet(shape: Shape) -> dict[str, Chain]:
             [
                 [
                     match(meta("oifname"), egress),
-                    match(pl("ip", "saddr"), "@egress"),
+                    match(pl("ip", "saddr"), "@nat_out"),
                     {"masquerade": None},
                 ]
             ],
         )
     return i
+
+
+def _address(cidr_or_set: str) -> Any:
+    return cidr_or_set if cidr_or_set.startswith("@") else prefix(cidr_or_set)
+
+
+def _allow(r: AllowRule, egress: str | None) -> Rule:
+    """An allow entry for one protocol: source, destination, protocol, ports."""
+    rule = [match(pl("ip", "saddr"), _address(r.src))]
+    if r.dst is not None:
+        rule.append(match(pl("ip", "daddr"), _address(r.dst)))
+    if r.out:
+        if egress is None:
+            raise ValueError(f"{r.where}: leaves the site, but the shape has no egress")
+        rule.append(match(meta("oifname"), egress))
+    if r.proto is not None:
+        rule.append(match(meta("l4proto"), r.proto))
+    if r.ports:
+        ports = [lo if lo == hi else {"range": [lo, hi]} for lo, hi in r.ports]
+        rule.append(match(pl("th", "dport"), {"set": ports}))
+    rule += [counter(), ACCEPT]
+    return rule
 
 
 _ICMP_ERRORS = ["destination-unreachable", "time-exceeded", "parameter-problem"]
