@@ -16,6 +16,7 @@ from ipaddress import IPv4Network, ip_interface
 
 from controller.core.allocation import Allocation
 from controller.policy.model import QUARANTINE, SERVICES, Limits, Policy
+from controller.policy.publish import tunnel_address
 
 # (table family, set name). The tables are dom0's own: `bridge dom0` polices
 # frames between bridge ports (stateless, MAC/IP bindings); `inet dom0`
@@ -77,6 +78,22 @@ class AllowRule:
 
 
 @dataclass(frozen=True, slots=True)
+class Forward:
+    """A published port: destination NAT from dom0's `listen` to a machine."""
+
+    where: str  # the policy line
+    via: str  # "uplink" (on the tunnel address `on`) or "wan" (whatever address it has)
+    on: str | None
+    proto: str
+    listen: int
+    address: str  # the machine's pinned address
+    port: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
 class Shape:
     """What the chains of `inet dom0` and `bridge dom0` depend on; a change
     means writing them whole."""
@@ -94,6 +111,10 @@ class Shape:
     limits: Limits = field(default_factory=Limits)
     allow: tuple[AllowRule, ...] = ()  # the allow lists, in policy order
     groups: tuple[str, ...] = ()  # the group sets they name (GROUP_PREFIX...)
+    forwards: tuple[Forward, ...] = ()  # published ports
+    hairpin: tuple[str, ...] = ()  # pools that may reach the published ports from inside
+    site: tuple[str, ...] = ()  # every domain's pool (hairpin connections are masqueraded)
+    bridge_netfilter: bool = True  # bridged IPv4 crosses the inet tables too (br_netfilter)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -112,6 +133,8 @@ class KillSwitch:
     allow: tuple[str, ...]
     ssh_from: tuple[str, ...] = ()  # may come in over the WAN to dom0's sshd
     ssh_port: int = 22
+    # ports published on the WAN: (protocol, dom0's port, machine address, its port)
+    published: tuple[tuple[str, int, str, int], ...] = ()
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -359,6 +382,17 @@ def limited_members(policy: Policy) -> list[str]:
     )
 
 
+def _hairpin(policy: Policy) -> set[str]:
+    """Pools that may reach the internet (whole or by some port): they may
+    reach the site's published ports at their public address too."""
+    pools = {str(d.pool) for d in policy.domains.values() if d.internet}
+    return pools | {
+        str(policy.domains[g.domain].pool)
+        for g in policy.grants
+        if g.kind == "internet" and g.rule is None
+    }
+
+
 def policy_state(
     policy: Policy, foreign_ports: Iterable[str], *, bridge_netfilter: bool = True
 ) -> PolicyState:
@@ -432,6 +466,18 @@ def policy_state(
             hub.mtu,
             f"{hub.gateway}:{hub.listen_port}",
         )
+    forwards = tuple(
+        Forward(
+            p.where,
+            p.via,
+            tunnel_address(uplink) if p.via == "uplink" and uplink is not None else None,
+            p.proto,
+            p.listen,
+            p.address,
+            p.port,
+        )
+        for p in policy.publish
+    )
     uplink_state = killswitch = None
     if uplink is not None and policy.wan is not None:
         for a in uplink.addresses:
@@ -454,6 +500,7 @@ def policy_state(
             policy.wan_allow,
             policy.host.ssh_from,
             policy.host.ssh_port,
+            tuple((f.proto, f.listen, f.address, f.port) for f in forwards if f.via == "wan"),
         )
     exempt = {(p,) for p in foreign_ports} | {(p,) for p in policy.trusted_ports}
     shape = Shape(
@@ -470,6 +517,10 @@ def policy_state(
         limits=policy.limits,
         allow=allow_rules(policy),
         groups=groups_of(policy).sets,
+        forwards=forwards,
+        hairpin=tuple(sorted(_hairpin(policy))) if forwards else (),
+        site=tuple(str(d.pool) for d in domains.values()) if forwards else (),
+        bridge_netfilter=bridge_netfilter,
     )
     return PolicyState(
         shape=shape,

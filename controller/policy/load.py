@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from common.toml import Checker, Problem, Problems, did_you_mean
-from controller.policy import macs
+from controller.policy import macs, publish
 from controller.policy.allow import AllowChecker
 from controller.policy.model import (
     DHCP_LOG,
@@ -194,6 +194,7 @@ class _Validator(Checker):
                 "rules",
                 "quarantine",
                 "limits",
+                "publish",
             ],
         )
         site = self.table(raw, "site", "", ["tld", "release_after"])
@@ -250,6 +251,7 @@ class _Validator(Checker):
         rules = self.rules(raw, domains, bridge)
         self.name_lengths(tld, rules, quarantine)
         domains, rules = self.allow_lists(raw, domains, rules, quarantine, hub, wan, tld)
+        published = publish.parse(self, raw, domains, rules, tld, uplink, wan, host)
         if self.problems:
             return None
         return Policy(
@@ -273,6 +275,7 @@ class _Validator(Checker):
             host=host,
             max_machines_per_port=per_port,
             limits=limits,
+            publish=published,
         )
 
     def allow_lists(

@@ -140,6 +140,27 @@ WAN_ALLOW = ("dhcp", "dhcpv6", "ndp")
 DHCP_LOG = ("quiet", "transactions", "verbose")
 
 
+# Where a published port is offered: on dom0's tunnel address (traffic the
+# VPN provider forwards to it), or on the WAN (only where the policy says so).
+PUBLISH_VIA = ("uplink", "wan")
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """A machine's port offered to the outside: destination NAT from dom0's
+    `listen` port (on the uplink's tunnel address, or on the WAN) to the
+    machine's pinned address and `port`; nothing else of the machine."""
+
+    where: str  # the policy line: "publish[1]"
+    machine: str  # its name within the site, "www1.dmz"
+    domain: str
+    address: str  # its pinned address: a forward is by number
+    proto: str  # "tcp" or "udp"
+    port: int  # the machine's
+    listen: int  # dom0's
+    via: str  # one of PUBLISH_VIA
+
+
 @dataclass(frozen=True, slots=True)
 class Uplink:
     """dom0's WireGuard tunnel to the upstream VPN: all egress leaves through it."""
@@ -225,6 +246,7 @@ class Policy:
     dhcp_log: str = "transactions"  # one of DHCP_LOG
     # domain -> every address pinned in it (rules' `address`/`pins`): no one else's
     pinned: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    publish: tuple[Publish, ...] = ()  # ports offered to the outside
 
     @property
     def grants(self) -> tuple[Grant, ...]:

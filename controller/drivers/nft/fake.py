@@ -60,8 +60,9 @@ one, else the WAN); `fib saddr . iif oif` (strict reverse path) uses the same
 table. Neighbours and the FDB come from the `binding` and `port_mac` sets
 (the bridge and the ARP cache learn what the bridge table lets through).
 
-Not modelled: conntrack's state machine and NAT (masquerade is noted, the
-addresses stay), the meters' clocks, FDB learning (a frame that passes the
+Not modelled: conntrack's state machine and source NAT (masquerade is noted,
+the addresses stay; destination NAT rewrites the destination, as the nat
+prerouting chain runs before routing), the meters' clocks, FDB learning (a frame that passes the
 bridge with a forged source MAC teaches the kernel's bridge; the fake's FDB
 stays as the sets say), WireGuard's cryptokey routing (which inner sources a
 hub peer may send), policy routing beyond the uplink's fwmark, IPv4
@@ -167,6 +168,7 @@ class Packet:
     ct_dir: str = "original"
     ct_original: tuple[str, str] | None = None  # (saddr, daddr); None: this packet's
     ct_reply: tuple[str, str] | None = None  # None: the original reversed
+    ct_status: tuple[str, ...] = ()  # its flow's status bits (e.g. "dnat" for a published port's)
     mark: int = 0
     over: frozenset[str] = frozenset()  # meters this packet is over the limit of
 
@@ -396,6 +398,8 @@ _NAMES: dict[str, dict[str, int]] = {
         "mld2-listener-report": 143,
     },
     "ct_state": {"invalid": 1, "established": 2, "related": 4, "new": 8, "untracked": 64},
+    "ct_status": {"expected": 1, "seen-reply": 2, "assured": 4, "confirmed": 8, "snat": 16,
+                  "dnat": 32, "dying": 512},
     "ct_dir": {"original": 0, "reply": 1},
     "arp_op": {"request": 1, "reply": 2},
 }  # fmt: skip
@@ -548,6 +552,7 @@ class _Wire:
     hook: str = ""
     iif: str = ""
     oif: str = ""
+    dnat: bool = False  # its destination was NATed on the way (ct status dnat)
 
 
 def _bits(data: bytes | None, offset: int, length: int) -> int:
@@ -572,6 +577,7 @@ class _Ctx:
 
     drop: Drop | None = None
     notes: list[str] = field(default_factory=list)
+    dnat: tuple[str, int] | None = None  # a nat chain's destination NAT: (address, port)
 
 
 class FakeDataPlane:
@@ -734,6 +740,8 @@ class FakeDataPlane:
             ctx = _Ctx()
             v = self._call(key, name, w, ctx, ())
             notes.extend(ctx.notes)
+            if ctx.dnat is not None:
+                self._rewrite(w, *ctx.dnat)
             if v == "drop":
                 return ctx.drop
             if v is None and base.get("policy", "accept") == "drop":
@@ -741,6 +749,32 @@ class FakeDataPlane:
             if v not in (None, "accept"):
                 raise UnknownExpression(f"verdict {v!r} in base chain {name}")
         return None
+
+    def _bridged_dnat(self, w: _Wire, path: list[str], notes: list[str]) -> Outcome | None:
+        """br_netfilter after a destination NAT in prerouting: when the new
+        destination is on the bridge itself, the frame is not routed but
+        bridged on, to the neighbour's MAC (br_nf_pre_routing_finish_bridge)."""
+        r = self.route(w.packet.dst)
+        if r != ("unicast", self.bridge):
+            return None
+        mac = self.neighbours.get(int(IPv4Address(w.packet.dst)))
+        if mac is None:
+            return self._stack_drop(
+                "neighbour", f"{w.packet.dst} does not answer ARP on {self.bridge}", path, notes
+            )
+        q = replace(w.packet, dst_mac=mac)
+        n = self._wire(q, True)
+        w.packet, w.ll, w.nh, w.th = q, n.ll, n.nh, n.th
+        notes.append(f"bridged on to {mac} by br_netfilter after destination NAT")
+        return None
+
+    def _rewrite(self, w: _Wire, address: str, port: int) -> None:
+        """Destination NAT: the packet goes on to address:port (its flow keeps
+        the original tuple)."""
+        p = w.packet
+        q = replace(p, dst=address, dport=port, ct_original=p.ct_original or (p.src, p.dst))
+        n = self._wire(q, w.ll is not None)
+        w.packet, w.ll, w.nh, w.th, w.dnat = q, n.ll, n.nh, n.th, True
 
     def _from_port(self, p: Packet) -> list[Outcome]:
         port = p.iif
@@ -755,6 +789,11 @@ class FakeDataPlane:
             drop = self._hook(w, "inet", "prerouting", self.bridge, "", path, notes)
             if drop:
                 return [Outcome(None, drop, tuple(path), tuple(notes))]
+            if w.dnat and (p.dst_mac or self.bridge_mac).lower() == self.bridge_mac:
+                stop = self._bridged_dnat(w, path, notes)
+                if stop is not None:
+                    return [stop]
+                p = w.packet
         dst = (p.dst_mac or self.bridge_mac).lower()
         group = int(dst.split(":")[0], 16) & 1
         local = dst == self.bridge_mac or bool(group)
@@ -907,6 +946,11 @@ class FakeDataPlane:
                 raise UnknownExpression(
                     f"{kind} to chain {arg.get('target')!r}, which is not there"
                 )
+        elif kind == "dnat":
+            if not isinstance(arg, dict) or arg.get("family") != "ip":
+                raise UnknownExpression(f"dnat {arg!r} (only ip to ADDRESS:PORT)")
+            _parse("ipv4_addr", arg.get("addr"))
+            _parse("inet_service", arg.get("port"))
         elif kind not in ("counter", "accept", "drop", "return", "masquerade"):
             raise UnknownExpression(f"statement {s!r}")
 
@@ -954,8 +998,8 @@ class FakeDataPlane:
             return t
         if kind == "ct":
             k, d = arg.get("key"), arg.get("dir")
-            if k in ("state", "direction") and d is None:
-                return "ct_state" if k == "state" else "ct_dir"
+            if k in ("state", "direction", "status") and d is None:
+                return {"state": "ct_state", "direction": "ct_dir", "status": "ct_status"}[k]
             if k in ("ip saddr", "ip daddr") and d in ("original", "reply"):
                 return "ipv4_addr"
             raise UnknownExpression(f"ct {d or ''} {k}".replace("  ", " "))
@@ -1021,6 +1065,12 @@ class FakeDataPlane:
             elif kind == "masquerade":
                 ctx.notes.append(f"masqueraded by {key[0]} {key[1]} {chain}")
                 return "accept"
+            elif kind == "dnat":
+                ctx.notes.append(
+                    f"dnat to {arg['addr']}:{arg['port']} by {key[0]} {key[1]} {chain}"
+                )
+                ctx.dnat = (str(arg["addr"]), int(arg["port"]))
+                return "accept"
             else:
                 raise UnknownExpression(f"statement {s!r} in {key[0]} {key[1]} {chain}")
         return None
@@ -1056,8 +1106,8 @@ class FakeDataPlane:
             return any(self._holds(key, x, kind, value) for x in right["set"])
         if isinstance(kind, tuple):
             raise UnknownExpression(f"concatenation compared with {right!r}")
-        if kind == "ct_state":  # a bit mask: `ct state established` tests a bit
-            return bool(value & _parse("ct_state", right))
+        if kind in ("ct_state", "ct_status"):  # a bit mask: `ct state established` tests a bit
+            return bool(value & _parse(kind, right))
         return _const(kind, right).holds(value)
 
     @staticmethod
@@ -1149,6 +1199,9 @@ class FakeDataPlane:
             raise _Break  # no conntrack entry
         if key == "direction":
             return _parse("ct_dir", p.ct_dir), "ct_dir"
+        if key == "status":
+            bits = {"dnat"} if w.dnat else set()
+            return sum(_parse("ct_status", b) for b in bits | set(p.ct_status)), "ct_status"
         if key in ("ip saddr", "ip daddr") and direction in ("original", "reply"):
             original = p.ct_original or (
                 (p.src, p.dst) if p.ct_dir == "original" else (p.dst, p.src)

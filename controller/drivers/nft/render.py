@@ -117,6 +117,9 @@ def stmt(s: dict) -> str:
         return "counter"
     if "masquerade" in s:
         return "masquerade"
+    if "dnat" in s:
+        d = s["dnat"]
+        return f"dnat {d['family']} to {d['addr']}:{d['port']}"
     if "set" in s and isinstance(s["set"], dict):
         d = s["set"]
         inner = " ".join(_dynset_stmt(x) for x in d.get("stmt", []))

@@ -77,6 +77,7 @@ from controller.core.desired import (
     SSH4,
     SSH6,
     AllowRule,
+    Forward,
     KillSwitch,
     Shape,
 )
@@ -377,6 +378,7 @@ def _bridge(shape: Shape) -> dict[str, Chain]:
                 match(cat(out, pl("ip", "daddr")), "@port_bcast"),
                 ACCEPT,
             ],
+            *_hairpin_bridged(shape, out),
             [counter(), DROP],
         ],
     )
@@ -448,6 +450,48 @@ def _bridge(shape: Shape) -> dict[str, Chain]:
     return b
 
 
+def _hairpin_bridged(shape: Shape, out: dict) -> list[Rule]:
+    """A machine's connection to a published port at its public address, and
+    the answers: after destination NAT to a machine on the same bridge,
+    br_netfilter bridges the frame on (it does not route it), so it crosses
+    these chains between two ports of different domains. The bridge family
+    cannot see conntrack here (that needs nf_conntrack_bridge), so these
+    rules pass that flow's addresses and port only, out of the port holding
+    the address; `inet dom0` then passes it only through dom0's NAT (`ct
+    status dnat`), which br_netfilter runs it through. Without br_netfilter
+    the flow is routed, never bridged, and these rules are not there."""
+    if not (shape.hairpin and shape.bridge_netfilter):
+        return []
+    pools = {"set": [prefix(p) for p in shape.hairpin]}
+    rules: list[Rule] = []
+    for f in shape.forwards:
+        if f.via != "uplink":
+            continue
+        rules.append(
+            [
+                IS_IP,
+                match(pl("ip", "saddr"), pools),
+                *_to(f.address, f.proto, f.port),
+                match(cat(out, pl("ip", "daddr")), "@port_addr"),
+                counter(),
+                ACCEPT,
+            ]
+        )
+        rules.append(
+            [
+                IS_IP,
+                match(pl("ip", "saddr"), f.address),
+                match(meta("l4proto"), f.proto),
+                match(pl("th", "sport"), f.port),
+                match(pl("ip", "daddr"), pools),
+                match(cat(out, pl("ip", "daddr")), "@port_addr"),
+                counter(),
+                ACCEPT,
+            ]
+        )
+    return rules
+
+
 def _inet(shape: Shape) -> dict[str, Chain]:
     bridge = shape.bridge
     limits = shape.limits
@@ -513,6 +557,18 @@ def _inet(shape: Shape) -> dict[str, Chain]:
     if shape.allow:
         from_machines.append([jump("allow")])
         i["allow"] = (None, [_allow(r, egress) for r in shape.allow])
+    for f in shape.forwards:
+        if f.via == "uplink" and shape.hairpin:
+            # a machine to a published port at its public address (hairpin)
+            from_machines.append(
+                [
+                    match(ct("status"), "dnat"),
+                    match(pl("ip", "saddr"), {"set": [prefix(p) for p in shape.hairpin]}),
+                    *_to(f.address, f.proto, f.port),
+                    counter(),
+                    ACCEPT,
+                ]
+            )
     if egress:
         from_machines.append(
             [match(meta("oifname"), egress), match(pl("ip", "saddr"), "@egress"), ACCEPT]
@@ -523,9 +579,19 @@ def _inet(shape: Shape) -> dict[str, Chain]:
         None,
         [
             [match(ct("state"), {"set": ["established", "related"]}, "in"), ACCEPT],
+            # a published port, through the destination NAT of `publish` only
+            *(
+                [match(ct("status"), "dnat"), *_to(f.address, f.proto, f.port), counter(), ACCEPT]
+                for f in shape.forwards
+            ),
             [counter(), DROP],
         ],
     )
+    if shape.forwards:
+        i["publish"] = (
+            {"type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"},
+            [_dnat(f, shape.wan) for f in shape.forwards],
+        )
     i["forward"] = (
         {"type": "filter", "hook": "forward", "prio": 0, "policy": "accept"},
         [
@@ -585,18 +651,56 @@ def _inet(shape: Shape) -> dict[str, Chain]:
             [jump("host_in")],
         ],
     )
+    nat: list[Rule] = []
     if egress:
+        nat.append(
+            [
+                match(meta("oifname"), egress),
+                match(pl("ip", "saddr"), "@nat_out"),
+                {"masquerade": None},
+            ]
+        )
+    if shape.forwards and shape.site:
+        # hairpin: the published machine answers dom0, not a neighbour behind its back
+        nat.append(
+            [
+                match(ct("status"), "dnat"),
+                match(meta("oifname"), machine_ifs),
+                match(pl("ip", "saddr"), {"set": [prefix(p) for p in shape.site]}),
+                {"masquerade": None},
+            ]
+        )
+    if nat:
         i["postrouting"] = (
             {"type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"},
-            [
-                [
-                    match(meta("oifname"), egress),
-                    match(pl("ip", "saddr"), "@nat_out"),
-                    {"masquerade": None},
-                ]
-            ],
+            nat,
         )
     return i
+
+
+def _to(address: str, proto: str, port: int) -> list[dict]:
+    return [
+        match(pl("ip", "daddr"), address),
+        match(meta("l4proto"), proto),
+        match(pl("th", "dport"), port),
+    ]
+
+
+def _dnat(f: Forward, wan: str | None) -> Rule:
+    """dom0's listen port to the machine's: on the tunnel address (from anywhere,
+    the site's machines included: hairpin), or arriving on the WAN."""
+    where = (
+        [match(pl("ip", "daddr"), f.on)]
+        if f.via == "uplink" and f.on is not None
+        else [match(meta("iifname"), wan)]
+    )
+    return [
+        *where,
+        match(meta("l4proto"), f.proto),
+        match(pl("th", "dport"), f.listen),
+        counter(),
+        {"dnat": {"family": "ip", "addr": f.address, "port": f.port}},
+    ]
 
 
 def _address(cidr_or_set: str) -> Any:
@@ -721,6 +825,18 @@ def killswitch_chains(ks: KillSwitch) -> dict[str, Chain]:
                     ACCEPT,
                 ]
             )
+    for proto, listen, _, _ in ks.published:
+        # answers of a port published on the WAN (after NAT: from dom0's port)
+        out.append(
+            [
+                match(ct("direction"), "reply"),
+                match(ct("status"), "dnat"),
+                match(meta("l4proto"), proto),
+                match(pl("th", "sport"), listen),
+                counter(),
+                ACCEPT,
+            ]
+        )
     if ks.ssh_from:
         # answers to what came in (and only that: dom0's own connections out
         # are the original direction, and stay dropped)
@@ -748,12 +864,25 @@ def killswitch_chains(ks: KillSwitch) -> dict[str, Chain]:
         "passing": (
             {"type": "filter", "hook": "forward", "prio": -10, "policy": "accept"},
             [
+                # a port published on the WAN: to its machine, through dom0's NAT only
+                *(
+                    [
+                        match(meta("iifname"), ks.wan),
+                        match(ct("status"), "dnat"),
+                        match(pl("ip", "daddr"), address),
+                        match(meta("l4proto"), proto),
+                        match(pl("th", "dport"), port),
+                        counter(),
+                        ACCEPT,
+                    ]
+                    for proto, _listen, address, port in ks.published
+                ),
                 [
                     match(meta("iifname"), ks.wan),
                     match(ct("state"), {"set": ["established", "related"]}, "!="),
                     counter(),
                     DROP,
-                ]
+                ],
             ],
         ),
     }
