@@ -62,6 +62,7 @@ class Machine:
     reason: str | None = None
     underlay: str | None = None  # hub machines: the bridge address their tunnel uses
     confirmed: bool = False  # has held its DHCP lease (established; see core.decide)
+    address6: str | None = None  # in a domain with IPv6: its DHCPv6 reservation
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -148,7 +149,9 @@ class Reconciler:
         self.keys = keys if keys is not None else MachineKeys(state_dir)
         self.clock = clock
         self.bridge_netfilter = bridge_netfilter  # bridged IPv4 meets the inet tables
+        self.sysctls = addresses is not None  # (a real host, not a unit test's drivers)
         self._warn_unbridged()
+        self._ipv6_forwarding()
         self.tables = inv.EMPTY
         self.inventory = inv.inventory(self.tables, policy.bridge)
         self.applied: dict[str, MachineState] = {}
@@ -236,9 +239,16 @@ class Reconciler:
 
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
+        self._ipv6_forwarding()
         self._warn_unbridged()
         self.dirty_all = True
         self.repairing = False  # what the next sync changes, the new policy asks for
+
+    def _ipv6_forwarding(self) -> None:
+        if self.sysctls and any(d.pool6 is not None for d in self.policy.domains.values()):
+            from controller.drivers.addresses import enable_ipv6_forwarding
+
+            enable_ipv6_forwarding()
 
     def _warn_unbridged(self) -> None:
         if self.bridge_netfilter:
@@ -566,6 +576,11 @@ class Reconciler:
                     state=state,
                     underlay=a.underlay,
                     confirmed=a.confirmed,
+                    address6=(
+                        d.address6(a.address)
+                        if (d := self.policy.domains.get(a.domain)) is not None
+                        else None
+                    ),
                 )
             )
         return out

@@ -29,6 +29,9 @@ DHCP_CLIENT = ("bridge", "dhcp_client")  # ifname . ether_addr . chaddr: DHCP fo
 DHCP_REPLY = ("bridge", "dhcp_reply")  # ifname . chaddr: where a DHCP reply may go
 SELF4 = ("inet", "self4")  # ipv4_addr . ipv4_addr: (a, a) for each of its addresses
 PORT_ADDR = ("bridge", "port_addr")  # ifname . ipv4_addr: the port that holds an address
+BINDING6 = ("bridge", "binding6")  # ifname . ether_addr . ipv6_addr: its IPv6 address
+ND_TARGET = ("bridge", "nd_target")  # ifname . 128 raw bits: what its NAs may advertise
+SELF6 = ("inet", "self6")  # ipv6_addr . ipv6_addr: (a, a)
 # Per port (its machines share it: they are of one domain):
 PORT_BCAST = ("bridge", "port_bcast")  # ifname . ipv4_addr: the port's domain broadcast
 # Per policy:
@@ -42,6 +45,9 @@ SERVICE = ("inet", "services")
 ICMP = ("inet", "ping")  # pool . gateway: may ping dom0 there
 SSH4 = ("inet", "ssh4")  # ipv4_addr (interval): may reach dom0's sshd (host.ssh_from)
 SSH6 = ("inet", "ssh6")  # ipv6_addr (interval)
+REACH6 = ("inet", "reach6")  # ipv6_addr . ipv6_addr (interval): as reach, for the /64s
+SERVICE6 = ("inet", "services6")  # /64 . dom0's address in it . protocol . port
+ICMP6 = ("inet", "ping6")  # /64 . dom0's address in it
 NAT_OUT = ("inet", "nat_out")  # ipv4_addr (interval): pools masqueraded when they leave
 # Per machine, one set per group that allow lists name (all `ipv4_addr`, in
 # `inet dom0`, named GROUP_PREFIX...): the machines of a rule that has an
@@ -50,11 +56,17 @@ NAT_OUT = ("inet", "nat_out")  # ipv4_addr (interval): pools masqueraded when th
 # element each, whatever the lists say.
 GROUP_PREFIX = "grp_"
 
-MACHINE_SETS = (PORT_MAC, MACS, BINDING, PORT_ADDR, PORT_BCAST, DHCP_CLIENT, DHCP_REPLY, SELF4)
+MACHINE_SETS = (
+    PORT_MAC, MACS, BINDING, PORT_ADDR, PORT_BCAST, DHCP_CLIENT, DHCP_REPLY, SELF4,
+    BINDING6, ND_TARGET, SELF6,
+)  # fmt: skip
 # Elements the machines of one port share (the incremental path counts the
 # port's other machines in: see core.plan.plan_machines).
 PORT_SETS = (PORT_BCAST,)
-POLICY_SETS = (EXEMPT, PEERS, DHCP_SERVER, REACH, EGRESS, SERVICE, ICMP, SSH4, SSH6, NAT_OUT)
+POLICY_SETS = (
+    EXEMPT, PEERS, DHCP_SERVER, REACH, EGRESS, SERVICE, ICMP, SSH4, SSH6, NAT_OUT,
+    REACH6, SERVICE6, ICMP6,
+)  # fmt: skip
 ALL_SETS = MACHINE_SETS + POLICY_SETS
 
 Element = tuple[str, ...]
@@ -115,6 +127,7 @@ class Shape:
     hairpin: tuple[str, ...] = ()  # pools that may reach the published ports from inside
     site: tuple[str, ...] = ()  # every domain's pool (hairpin connections are masqueraded)
     bridge_netfilter: bool = True  # bridged IPv4 crosses the inet tables too (br_netfilter)
+    ipv6: bool = False  # some domain has IPv6: the bridge polices it instead of dropping it
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -183,6 +196,8 @@ class DhcpConfig:
     # host tag -> domain name: hub machines share one range but not one domain
     tag_domains: tuple[tuple[str, str], ...] = ()
     log: str = "transactions"  # policy.DHCP_LOG
+    # (tag, /64): DHCPv6 from reservations only, announced by router advertisements
+    ranges6: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,11 +206,16 @@ class DhcpHost:
     address: str
     hostname: str
     tag: str
+    address6: str | None = None  # its DHCPv6 reservation (a file of its own: MAC.v6)
 
     def line(self) -> str:
         # id:*: dnsmasq keys the lease by hardware address only, never by a
         # client-id (which a guest may copy from another machine)
         return f"{self.mac},id:*,set:{self.tag},{self.address},{self.hostname}\n"
+
+    def line6(self) -> str:
+        # (dnsmasq finds a DHCPv6 client's MAC in the neighbour table, whatever its DUID)
+        return f"{self.mac},set:{self.tag},[{self.address6}],{self.hostname}\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,12 +374,17 @@ def machine_state(policy: Policy, a: Allocation, public_key: str | None = None) 
         PORT_BCAST: frozenset(),
     }
     dhcp = None
+    domain = policy.domains.get(a.domain)
+    address6 = domain.address6(a.address) if domain is not None and a.underlay is None else None
+    if address6 is not None:
+        elements[BINDING6] = frozenset({(a.port, a.mac, address6)})
+        elements[ND_TARGET] = frozenset({(a.port, address6)})
+        elements[SELF6] = frozenset({(address6, address6)})
     if bridge_address is not None:
         elements[BINDING] = frozenset({(a.port, a.mac, bridge_address)})
         elements[PORT_ADDR] = frozenset({(a.port, bridge_address)})
         tag = f"hub-{a.domain}" if a.underlay is not None else a.domain
-        dhcp = DhcpHost(a.mac, bridge_address, label_of(policy, a), tag)
-    domain = policy.domains.get(a.domain)
+        dhcp = DhcpHost(a.mac, bridge_address, label_of(policy, a), tag, address6)
     if domain is not None and domain.members_reach and a.underlay is None:
         # its domain's broadcasts may reach this port (and only those)
         elements[PORT_BCAST] = frozenset({(a.port, str(domain.pool.broadcast_address))})
@@ -412,6 +437,27 @@ def policy_state(
     dhcp_server: set[Element] = {("255.255.255.255",)}
     addresses: set[Address] = set()
     ranges: list[DhcpRange] = []
+    reach6: set[Element] = set()
+    services6: set[Element] = set()
+    icmp6: set[Element] = set()
+    ranges6: list[tuple[str, str]] = []
+    for d in domains.values():
+        if d.pool6 is None:
+            continue
+        pool6, gw6 = str(d.pool6), str(d.gateway6)
+        addresses.add((policy.bridge, f"{gw6}/64"))
+        ranges6.append((d.name, pool6))
+        if d.members_reach:
+            reach6.add((pool6, pool6))  # through dom0: machines have no on-link prefix
+        for other in d.reach:
+            if (o6 := domains[other].pool6) is not None:
+                reach6.add((pool6, str(o6)))
+        for name in d.services:
+            for proto, port in SERVICES[name]:
+                if proto == "icmp":
+                    icmp6.add((pool6, gw6))
+                else:
+                    services6.add((pool6, gw6, proto, str(port)))
     for d in domains.values():
         pool = str(d.pool)
         gateway = f"{d.gateway}/{d.pool.prefixlen}"
@@ -521,6 +567,7 @@ def policy_state(
         hairpin=tuple(sorted(_hairpin(policy))) if forwards else (),
         site=tuple(str(d.pool) for d in domains.values()) if forwards else (),
         bridge_netfilter=bridge_netfilter,
+        ipv6=bool(ranges6),
     )
     return PolicyState(
         shape=shape,
@@ -536,6 +583,9 @@ def policy_state(
             SSH4: frozenset((c,) for c in policy.host.ssh_from if ":" not in c),
             SSH6: frozenset((c,) for c in policy.host.ssh_from if ":" in c),
             NAT_OUT: frozenset(nat_out),
+            REACH6: frozenset(reach6),
+            SERVICE6: frozenset(services6),
+            ICMP6: frozenset(icmp6),
         },
         addresses=frozenset(addresses),
         dhcp=DhcpConfig(
@@ -546,6 +596,7 @@ def policy_state(
             if hub is not None
             else (),
             policy.dhcp_log,
+            tuple(ranges6),
         ),
         uplink=uplink_state,
         hub=hub_state,

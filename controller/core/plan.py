@@ -121,7 +121,8 @@ class Plan:
         for mac in sorted(self.hosts_del):
             out.append(f"dhcp: remove reservation {mac}")
         for mac, h in sorted(self.hosts_put.items()):
-            out.append(f"dhcp: reserve {mac} -> {h.address} {h.hostname}.{h.tag}")
+            six = f" and {h.address6}" if h.address6 else ""
+            out.append(f"dhcp: reserve {mac} -> {h.address}{six} {h.hostname}.{h.tag}")
         for peer in sorted(self.peers_del):
             out.append(f"hub: remove peer {peer}")
         for peer, p in sorted(self.peers_put.items()):

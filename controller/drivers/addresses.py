@@ -101,6 +101,15 @@ class Addresses:
             raise AddressError(f"interface(s) {', '.join(sorted(set(missing)))} do not exist (yet)")
 
 
+def enable_ipv6_forwarding(proc_sys: Path = Path("/proc/sys")) -> None:
+    """For a policy with IPv6 domains: dom0 routes their IPv6. (A WAN that
+    takes its own IPv6 address by SLAAC then needs accept_ra = 2: the kernel
+    ignores router advertisements on a forwarding host otherwise.)"""
+    path = proc_sys / "net/ipv6/conf/all/forwarding"
+    if path.exists() and path.read_text().strip() != "1":
+        path.write_text("1")
+
+
 def bridge_netfilter(proc_sys: Path = Path("/proc/sys")) -> bool:
     """Whether bridged IPv4 crosses the inet tables here (br_netfilter loaded)."""
     return (proc_sys / "net/bridge/bridge-nf-call-iptables").exists()

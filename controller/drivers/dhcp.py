@@ -87,6 +87,18 @@ def dnsmasq_argv(config: DhcpConfig, state_dir: Path, binary: str = "dnsmasq") -
             argv.append(f"--dhcp-option=tag:{r.tag},option:router")
     for tag, domain_name in config.tag_domains:
         argv.append(f"--dhcp-option=tag:{tag},option:domain-name,{domain_name}")
+    if config.ranges6:
+        # Router advertisements for every domain's /64 (one RA per interface:
+        # each machine hears every prefix): managed (M), no SLAAC (A=0) and not
+        # on-link (L=0), so that a machine's only address is its DHCPv6
+        # reservation and all its IPv6 goes through dom0, which applies the
+        # policy; router lifetime 0: no default route, there is no IPv6 egress.
+        argv += ["--enable-ra", f"--ra-param={config.bridge},0,0"]
+        for tag, prefix in config.ranges6:
+            network = prefix.split("/")[0]
+            argv.append(
+                f"--dhcp-range=set:{tag},{network},static,off-link,64,{config.lease_seconds}"
+            )
     return argv
 
 
@@ -96,6 +108,8 @@ DHCP_LOG_ARGS = {"quiet": ("--quiet-dhcp",), "transactions": (), "verbose": ("--
 RELOAD_INTERVAL = 1.0  # seconds between planned restarts of dnsmasq, at least
 
 _MAC_FILE = re.compile(r"^[0-9a-f]{2}(-[0-9a-f]{2}){5}$")
+_V6_FILE = re.compile(r"^[0-9a-f]{2}(-[0-9a-f]{2}){5}\.v6$")
+V6 = ".v6"  # a machine's DHCPv6 reservation: a file of its own beside its DHCPv4 one
 
 
 def _host_file(mac: str) -> str:
@@ -111,6 +125,16 @@ def parse_host_line(line: str) -> DhcpHost | None:
     if len(parts) != 5 or parts[1] != "id:*" or not parts[2].startswith("set:"):
         return None
     return DhcpHost(parts[0], parts[3], parts[4], parts[2][4:])
+
+
+def parse_host6_line(line: str) -> tuple[str, str] | None:
+    """(MAC, IPv6 address) of a `MAC,set:TAG,[ADDRESS],NAME` reservation."""
+    parts = line.strip().split(",")
+    if len(parts) != 4 or not parts[1].startswith("set:"):
+        return None
+    if not (parts[2].startswith("[") and parts[2].endswith("]")):
+        return None
+    return parts[0], parts[2][1:-1]
 
 
 class HostsDir:
@@ -167,12 +191,21 @@ class HostsDir:
         ours is neutralised in place (a tombstone, or emptied): dnsmasq would
         keep a deleted file's entries until it restarts."""
         out: dict[str, DhcpHost] = {}
+        six: dict[str, str] = {}
         seen: set[str] = set()
         if self.readonly and not self.dir.is_dir():
             return out
         with os.scandir(self.dir) as entries:
             for e in entries:
                 seen.add(e.name)
+                if _V6_FILE.match(e.name):
+                    text = Path(e.path).read_text(errors="replace") if e.is_file() else ""
+                    pair = parse_host6_line(text)
+                    if pair is not None and _host_file(pair[0]) + V6 == e.name:
+                        six[pair[0]] = pair[1]
+                    elif text and not self.readonly:
+                        self._replace(e.name, "")  # (no entry: see write())
+                    continue
                 st = e.stat(follow_symlinks=False)
                 known = self._known.get(e.name)
                 if known is not None and known[:2] == (st.st_ino, st.st_mtime_ns):
@@ -194,7 +227,10 @@ class HostsDir:
                 self._remember(e.name, None)
         for name in set(self._known) - seen:
             del self._known[name]
-        return out
+        return {
+            mac: dataclasses.replace(h, address6=six.get(mac)) if h.address6 != six.get(mac) else h
+            for mac, h in out.items()
+        }
 
     def write(self, put: Mapping[str, DhcpHost], delete: frozenset[str] | set[str]) -> None:
         """Reservations in, removed ones as tombstones (never deleted: see
@@ -204,11 +240,18 @@ class HostsDir:
                 name = _host_file(mac)
                 self._replace(name, tombstone(mac))
                 self._remember(name, None)
+        for mac in delete:
+            if mac not in put:
+                self._drop6(mac)
         fresh: list[str] = []
         for mac, host in put.items():
             name = _host_file(mac)
             self._replace(name, host.line())
-            self._remember(name, host)
+            self._remember(name, dataclasses.replace(host, address6=None))
+            if host.address6 is not None:
+                self._replace(name + V6, host.line6())
+            elif self._drop6(mac):
+                self.stale = True  # (dnsmasq keeps a v6 entry it has read)
             if host.address in self.burnt:
                 self.stale = True
             else:
@@ -220,6 +263,18 @@ class HostsDir:
         if self.stale and self.on_stale is not None:
             self.on_stale()
 
+    def _drop6(self, mac: str) -> bool:
+        """Empty a machine's DHCPv6 file (an empty file: `MAC,ignore` there
+        would silence its DHCPv4 too); whether it named an address."""
+        path = self.dir / (_host_file(mac) + V6)
+        try:
+            had = bool(path.read_text().strip())
+        except FileNotFoundError:
+            return False
+        if had:
+            self._replace(path.name, "")
+        return had
+
     def sweep(self) -> int:
         """Remove tombstones and whatever else is not a reservation: only
         while no dnsmasq runs (a running one would keep their entries)."""
@@ -227,6 +282,8 @@ class HostsDir:
         with os.scandir(self.dir) as entries:
             for e in entries:
                 text = Path(e.path).read_text(errors="replace") if e.is_file() else ""
+                if _V6_FILE.match(e.name) and parse_host6_line(text) is not None:
+                    continue
                 if parse_host_line(text) is None:
                     Path(e.path).unlink(missing_ok=True)
                     self._known.pop(e.name, None)

@@ -11,6 +11,7 @@ import base64
 import binascii
 import contextlib
 import fnmatch
+import hashlib
 import ipaddress
 import re
 from pathlib import Path
@@ -49,6 +50,7 @@ _IFGLOB = re.compile(r"^[A-Za-z0-9_.:\-*?\[\]!]{1,15}$")
 _RULE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_ULA = ipaddress.IPv6Network("fc00::/7")
 
 
 __all__ = ["PolicyError", "Problem", "load_or_report", "load_policy", "parse_policy"]
@@ -197,7 +199,7 @@ class _Validator(Checker):
                 "publish",
             ],
         )
-        site = self.table(raw, "site", "", ["tld", "release_after"])
+        site = self.table(raw, "site", "", ["tld", "release_after", "ula"])
         tld = self.string(site, "tld", "site", "internal") or "internal"
         if problem := suffix_problem(tld):
             self.bad(
@@ -245,6 +247,7 @@ class _Validator(Checker):
                 f"expected one of: {', '.join(DHCP_LOG)}",
             )
 
+        self.site_ula = self.ula(site, tld)
         domains = self.domains(raw, wan, hub is not None or "hub" in raw)
         quarantine = self.quarantine(raw)
         self.overlaps(domains, quarantine, hub)
@@ -426,6 +429,75 @@ class _Validator(Checker):
             **{k: self.integer(t, k, "limits", dflt, lo, hi) for k, (dflt, lo, hi) in keys.items()}
         )
 
+    def ula(self, site: dict, tld: str) -> ipaddress.IPv6Network:
+        """The site's ULA /48 (RFC 4193): `site.ula`, or one derived from the
+        suffix, so that it stays the same across reloads and restarts."""
+        value = site.get("ula")
+        if value is not None:
+            try:
+                net = ipaddress.IPv6Network(value, strict=True) if isinstance(value, str) else None
+            except ValueError:
+                net = None
+            if net is None or net.prefixlen != 48 or not net.subnet_of(_ULA):
+                self.bad("site.ula", f'{value!r}, expected a ULA /48 like "fd12:3456:789a::/48"')
+            else:
+                return net
+        digest = hashlib.sha256(f"dom0 site {tld}".encode()).digest()
+        return ipaddress.IPv6Network((int.from_bytes(b"\xfd" + digest[:5], "big") << 80, 48))
+
+    def pool6(
+        self, body: dict, path: str, name: str, in_hub: bool, ula: ipaddress.IPv6Network
+    ) -> ipaddress.IPv6Network | None:
+        has_pool = "pool6" in body
+        wanted = self.boolean(body, "ipv6", path, has_pool)
+        if not wanted:
+            if has_pool:
+                self.bad(f"{path}.ipv6", "is false but pool6 is set, expected one of the two")
+            return None
+        if in_hub:
+            self.bad(
+                f"{path}.ipv6",
+                "IPv6 inside hub tunnels is not supported yet, expected it on bridge domains only",
+            )
+            return None
+        if not has_pool:
+            subnet = int.from_bytes(
+                hashlib.sha256(f"dom0 domain {name}".encode()).digest()[:2], "big"
+            )
+            return ipaddress.IPv6Network((int(ula.network_address) | subnet << 64, 64))
+        value = body["pool6"]
+        try:
+            net = ipaddress.IPv6Network(value, strict=True) if isinstance(value, str) else None
+        except ValueError as e:
+            self.bad(f"{path}.pool6", f"{value!r} is not an IPv6 network: {e}, expected a /64")
+            return None
+        if net is None or net.prefixlen != 64:
+            self.bad(
+                f"{path}.pool6",
+                f'{value!r}, expected an IPv6 /64 like "fd12:3456:789a:1::/64" '
+                "(machines get addresses by DHCPv6 in it)",
+            )
+            return None
+        if net.is_link_local or net.is_multicast or net.is_loopback:
+            self.bad(
+                f"{path}.pool6", f"{net} is not a unicast prefix, expected a ULA or global /64"
+            )
+            return None
+        return net
+
+    def overlaps6(self, domains: dict[str, Domain]) -> None:
+        seen: dict[ipaddress.IPv6Network, str] = {}
+        for d in domains.values():
+            if d.pool6 is None:
+                continue
+            if d.pool6 in seen:
+                self.bad(
+                    f"domains.{d.name}.pool6",
+                    f"{d.pool6} is domains.{seen[d.pool6]}'s too, expected distinct /64s "
+                    "(set pool6 for one of them)",
+                )
+            seen[d.pool6] = d.name
+
     def domains(self, raw: dict, wan: str | None, hub: bool) -> dict[str, Domain]:
         section = raw.get("domains", {})
         if not isinstance(section, dict):
@@ -434,7 +506,8 @@ class _Validator(Checker):
         if not section:
             self.bad("domains", "none defined, expected at least one [domains.NAME] with a pool")
         allowed = [
-            "pool", "gateway", "reach", "members_reach", "internet", "services", "hub", "allow"
+            "pool", "gateway", "reach", "members_reach", "internet", "services", "hub", "allow",
+            "ipv6", "pool6",
         ]  # fmt: skip
         out: dict[str, Domain] = {}
         for name, body in section.items():
@@ -475,6 +548,7 @@ class _Validator(Checker):
                     f"{path}.hub",
                     "is true but there is no [hub] section, expected one (interface, pool)",
                 )
+            pool6 = self.pool6(body, path, name, in_hub, self.site_ula)
             if pool is not None and gateway is not None:
                 out[name] = Domain(
                     name=name,
@@ -485,7 +559,9 @@ class _Validator(Checker):
                     internet=internet,
                     services=tuple(dict.fromkeys(services)),
                     hub=in_hub,
+                    pool6=pool6,
                 )
+        self.overlaps6(out)
         for name, body in section.items():
             if not isinstance(body, dict):
                 continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from controller.policy.macs import Ternary
 from controller.policy.names import Template
@@ -132,6 +132,20 @@ class Domain:
     services: tuple[str, ...]
     hub: bool = False  # members talk only through their WireGuard tunnel to the hub
     allow: tuple[Grant, ...] = ()  # by protocol and port (reach/internet: everything)
+    pool6: IPv6Network | None = None  # its IPv6 /64, if it has IPv6
+
+    @property
+    def gateway6(self) -> IPv6Address | None:
+        """dom0's address in the /64 (the first host), as in IPv4."""
+        return None if self.pool6 is None else self.pool6.network_address + 1
+
+    def address6(self, address: str | None) -> str | None:
+        """A machine's IPv6 address: its IPv4 address's offset in the pool,
+        in the /64 (it follows the IPv4 allocation, pins included)."""
+        if self.pool6 is None or address is None:
+            return None
+        offset = int(ip_address(address)) - int(self.pool.network_address)
+        return str(self.pool6.network_address + offset)
 
 
 # What may leave (and enter) the WAN besides the uplink's tunnel, on request.

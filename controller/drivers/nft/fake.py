@@ -405,7 +405,7 @@ _NAMES: dict[str, dict[str, int]] = {
 }  # fmt: skip
 _INTEGERS = {"inet_service", "mark", "integer"}
 # a set's kind -> the expression type it holds (chaddr: 48 raw bits of a DHCP packet)
-_KIND_TYPE = {"chaddr": "integer/48"}
+_KIND_TYPE = {"chaddr": "integer/48", "nd_target": "integer/128"}
 
 
 def _parse(kind: str, v: Any) -> int:
@@ -419,6 +419,8 @@ def _parse(kind: str, v: Any) -> int:
     base = kind.split("/")[0]
     if base in ("ether_addr",) or (kind == "integer/48" and ":" in v):
         return int(v.replace(":", ""), 16)
+    if kind == "integer/128" and ":" in v:  # an IPv6 address as raw bits (nd_target)
+        return int(IPv6Address(v))
     if base == "ipv4_addr":
         return int(IPv4Address(v))
     if base == "ipv6_addr":
@@ -660,6 +662,8 @@ class FakeDataPlane:
         self.connected: list[tuple[int, int, int, str]] = []  # (len, net, mask, dev)
         self.broadcasts: dict[int, str] = {}
         for iface, cidr in addresses:
+            if ":" in cidr:
+                continue  # (IPv6 past the bridge table is not modelled)
             a = IPv4Interface(cidr)
             self.local[int(a.ip)] = iface
             n = a.network
@@ -1002,6 +1006,8 @@ class FakeDataPlane:
                 return {"state": "ct_state", "direction": "ct_dir", "status": "ct_status"}[k]
             if k in ("ip saddr", "ip daddr") and d in ("original", "reply"):
                 return "ipv4_addr"
+            if k in ("ip6 saddr", "ip6 daddr") and d in ("original", "reply"):
+                return "ipv6_addr"
             raise UnknownExpression(f"ct {d or ''} {k}".replace("  ", " "))
         if kind == "fib":
             flags, result = set(arg.get("flags", [])), arg.get("result")
@@ -1208,6 +1214,12 @@ class FakeDataPlane:
             )
             tup = original if direction == "original" else (p.ct_reply or original[::-1])
             return int(IPv4Address(tup[0 if key == "ip saddr" else 1])), "ipv4_addr"
+        if key in ("ip6 saddr", "ip6 daddr") and direction in ("original", "reply"):
+            original = p.ct_original or (
+                (p.src, p.dst) if p.ct_dir == "original" else (p.dst, p.src)
+            )
+            tup = original if direction == "original" else (p.ct_reply or original[::-1])
+            return int(IPv6Address(tup[0 if key == "ip6 saddr" else 1])), "ipv6_addr"
         raise UnknownExpression(f"ct {direction or ''} {key}".replace("  ", " "))
 
     def _fib(self, f: dict, w: _Wire) -> str | None:

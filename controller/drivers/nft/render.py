@@ -10,6 +10,7 @@ and quoted here.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -174,6 +175,8 @@ def element_text(spec: SetSpec, e: Element) -> str:
             parts.append(f'"{v}"')
         elif kind == "chaddr":
             parts.append("0x" + v.replace(":", ""))
+        elif kind == "nd_target":
+            parts.append(f"0x{int(ipaddress.IPv6Address(v)):032x}")
         else:
             parts.append(v)
     return " . ".join(parts)
@@ -243,6 +246,8 @@ def _value_json(kind: str, v: str) -> Any:
         return int(v)
     if kind == "chaddr":
         return int(v.replace(":", ""), 16)
+    if kind == "nd_target":
+        return int(ipaddress.IPv6Address(v))
     if kind in ("ipv4_addr", "ipv6_addr") and "/" in v:
         addr, length = v.split("/")
         return {"prefix": {"addr": addr, "len": int(length)}}
@@ -260,6 +265,8 @@ def _value_text(kind: str, v: Any) -> str:
             return _value_text(kind, v["elem"]["val"])
     if kind == "chaddr" and isinstance(v, int):
         return format_mac(v)
+    if kind == "nd_target" and isinstance(v, int):
+        return str(ipaddress.IPv6Address(v))
     return str(v).lower() if isinstance(v, str) and kind != "ifname" else str(v)
 
 

@@ -58,6 +58,7 @@ from typing import Any
 
 from controller.core.desired import (
     BINDING,
+    BINDING6,
     DHCP_CLIENT,
     DHCP_REPLY,
     DHCP_SERVER,
@@ -65,15 +66,20 @@ from controller.core.desired import (
     EXEMPT,
     GROUP_PREFIX,
     ICMP,
+    ICMP6,
     MACS,
     NAT_OUT,
+    ND_TARGET,
     PEERS,
     PORT_ADDR,
     PORT_BCAST,
     PORT_MAC,
     REACH,
+    REACH6,
     SELF4,
+    SELF6,
     SERVICE,
+    SERVICE6,
     SSH4,
     SSH6,
     AllowRule,
@@ -98,6 +104,11 @@ OP = (_BOOTP, 8)
 HTYPE_HLEN = (_BOOTP + 8, 16)
 GIADDR = (_BOOTP + 24 * 8, 32)
 CHADDR = (_BOOTP + 28 * 8, 48)
+# A neighbour advertisement's target address (RFC 4861 4.4: after type, code,
+# checksum and 32 bits of flags); nft 1.0.6 has no name for it.
+NA_TARGET = (64, 128)
+NA_TARGET_PREFIX = (64, 64)  # its first 64 bits: fe80:: for a link-local one
+LINK_LOCAL_PREFIX = 0xFE80000000000000
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +172,22 @@ SETS: dict[tuple[str, str], SetSpec] = {
         SetSpec("inet", SSH4[1], ("ipv4_addr",), interval=True),
         SetSpec("inet", SSH6[1], ("ipv6_addr",), interval=True),
         SetSpec("inet", NAT_OUT[1], ("ipv4_addr",), interval=True),
+        SetSpec("bridge", BINDING6[1], ("ifname", "ether_addr", "ipv6_addr")),
+        SetSpec(
+            "bridge",
+            ND_TARGET[1],
+            ("ifname", "nd_target"),
+            typeof=f"meta iifname . @th,{NA_TARGET[0]},{NA_TARGET[1]}",
+        ),
+        SetSpec("inet", SELF6[1], ("ipv6_addr", "ipv6_addr")),
+        SetSpec("inet", REACH6[1], ("ipv6_addr", "ipv6_addr"), interval=True),
+        SetSpec(
+            "inet",
+            SERVICE6[1],
+            ("ipv6_addr", "ipv6_addr", "inet_proto", "inet_service"),
+            interval=True,
+        ),
+        SetSpec("inet", ICMP6[1], ("ipv6_addr", "ipv6_addr"), interval=True),
     )
 }
 
@@ -184,6 +211,8 @@ METERS: tuple[Meter, ...] = (
     Meter("bridge", "flood_rate", "ifname", timeout=60),
     Meter("inet", "conns", "ipv4_addr"),
     Meter("inet", "new_conns", "ipv4_addr", timeout=60),
+    Meter("inet", "conns6", "ipv6_addr"),
+    Meter("inet", "new_conns6", "ipv6_addr", timeout=60),
 )
 
 Rule = list[dict]
@@ -276,6 +305,7 @@ RELATED = match(ct("state"), "related", "in")
 NEW = match(ct("state"), "new", "in")
 IS_IP = match(pl("ether", "type"), "ip")
 IS_ARP = match(pl("ether", "type"), "arp")
+IS_IP6 = match(pl("ether", "type"), "ip6")
 
 
 def shape_marker(shape: Shape) -> str:
@@ -341,9 +371,20 @@ def _bridge(shape: Shape) -> dict[str, Chain]:
                 match(cat(port, pl("ether", "saddr"), pl("ip", "saddr")), "@binding", "!="),
                 DROP,
             ],
-            [match(pl("ether", "type"), {"set": ["ip", "arp"]}, "!="), counter(), DROP],
+            *([[IS_IP6, jump("police6")]] if shape.ipv6 else []),
+            [
+                match(
+                    pl("ether", "type"),
+                    {"set": ["ip", "arp", "ip6"] if shape.ipv6 else ["ip", "arp"]},
+                    "!=",
+                ),
+                counter(),
+                DROP,
+            ],
         ],
     )
+    if shape.ipv6:
+        b["police6"] = (None, _police6(port))
     out = meta("oifname")
     b["ports_forward"] = (
         {"type": "filter", "hook": "forward", "prio": -200, "policy": "accept"},
@@ -357,6 +398,9 @@ def _bridge(shape: Shape) -> dict[str, Chain]:
                 counter(),
                 DROP,
             ],
+            # IPv6 never crosses between ports: machines have no on-link prefix
+            # (router advertisements say so), dom0 routes all of it
+            *([[IS_IP6, counter(), DROP]] if shape.ipv6 else []),
             # dom0 guarantees unique addresses: probes need not reach anyone
             [IS_ARP, match(pl("arp", "saddr ip"), "0.0.0.0"), counter(), DROP],
             [
@@ -450,6 +494,58 @@ def _bridge(shape: Shape) -> dict[str, Chain]:
     return b
 
 
+_ND_TO_DOM0 = [
+    "nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert", "mld2-listener-report",
+    "mld-listener-report",
+]  # fmt: skip
+_ND_FROM_LINK_LOCAL = [
+    "nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert", "mld2-listener-report",
+    "mld-listener-report", "echo-request", "echo-reply",
+]  # fmt: skip
+
+
+def _police6(port: dict) -> list[Rule]:
+    """IPv6 from a port (its MAC already checked): never a router's or a
+    DHCPv6 server's messages; a neighbour advertisement only for a link-local
+    address or the port's own; from `::` only duplicate address detection and
+    MLD; from a link-local address only neighbour discovery, MLD, ping and
+    the DHCPv6 client; everything else only from the machine's own address."""
+    icmp6 = pl("icmpv6", "type")
+    return [
+        [match(icmp6, {"set": ["nd-router-advert", "nd-redirect"]}), counter(), DROP],
+        [match(meta("l4proto"), "udp"), match(pl("udp", "sport"), 547), counter(), DROP],
+        [
+            match(icmp6, "nd-neighbor-advert"),
+            match(th(NA_TARGET_PREFIX), LINK_LOCAL_PREFIX, "!="),
+            match(cat(port, th(NA_TARGET)), "@nd_target", "!="),
+            counter(),
+            DROP,
+        ],
+        [
+            match(pl("ip6", "saddr"), "::"),
+            match(
+                icmp6,
+                {"set": ["nd-neighbor-solicit", "mld2-listener-report", "mld-listener-report"]},
+            ),
+            RETURN,
+        ],
+        [
+            match(pl("ip6", "saddr"), prefix("fe80::/64")),
+            match(icmp6, {"set": _ND_FROM_LINK_LOCAL}),
+            RETURN,
+        ],
+        [
+            match(pl("ip6", "saddr"), prefix("fe80::/64")),
+            match(pl("ip6", "daddr"), "ff02::1:2"),
+            match(pl("udp", "sport"), 546),
+            match(pl("udp", "dport"), 547),
+            RETURN,
+        ],
+        [match(cat(port, pl("ether", "saddr"), pl("ip6", "saddr")), "@binding6"), RETURN],
+        [counter(), DROP],
+    ]
+
+
 def _hairpin_bridged(shape: Shape, out: dict) -> list[Rule]:
     """A machine's connection to a published port at its public address, and
     the answers: after destination NAT to a machine on the same bridge,
@@ -500,7 +596,21 @@ def _inet(shape: Shape) -> dict[str, Chain]:
     i: dict[str, Chain] = {}
     i["guard"] = (
         {"type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"},
-        [[match(meta("iifname"), machine_ifs), match(meta("nfproto"), "ipv4"), jump("rpf")]],
+        [
+            [match(meta("iifname"), machine_ifs), match(meta("nfproto"), "ipv4"), jump("rpf")],
+            *(
+                [
+                    [
+                        match(meta("iifname"), bridge),
+                        match(meta("nfproto"), "ipv6"),
+                        match(pl("ip6", "saddr"), "::", "!="),  # (duplicate address detection)
+                        jump("rpf"),
+                    ]
+                ]
+                if shape.ipv6
+                else []
+            ),
+        ],
     )
     i["rpf"] = (
         # strict reverse-path filtering: a source address only from the
@@ -524,6 +634,14 @@ def _inet(shape: Shape) -> dict[str, Chain]:
         [
             [match(cat(pl("ip", "saddr"), ct("ip saddr", "original")), "@self4"), ACCEPT],
             [match(cat(pl("ip", "saddr"), ct("ip saddr", "reply")), "@self4"), ACCEPT],
+            *(
+                [
+                    [match(cat(pl("ip6", "saddr"), ct("ip6 saddr", "original")), "@self6"), ACCEPT],
+                    [match(cat(pl("ip6", "saddr"), ct("ip6 saddr", "reply")), "@self6"), ACCEPT],
+                ]
+                if shape.ipv6
+                else []
+            ),
             [counter(), DROP],
         ],
     )
@@ -543,10 +661,82 @@ def _inet(shape: Shape) -> dict[str, Chain]:
             ],
         ],
     )
+    if shape.ipv6:
+        i["machine_limits6"] = (
+            None,
+            [
+                [
+                    over_count("conns6", pl("ip6", "saddr"), limits.connections_per_machine),
+                    counter(),
+                    DROP,
+                ],
+                [
+                    over_rate("new_conns6", pl("ip6", "saddr"), limits.new_connections_per_second),
+                    counter(),
+                    DROP,
+                ],
+            ],
+        )
+        i["from_machines6"] = (
+            None,
+            [
+                # (the bridge table drops these from ports already; the hub has no IPv6)
+                [
+                    match(pl("icmpv6", "type"), {"set": ["nd-router-advert", "nd-redirect"]}),
+                    counter(),
+                    DROP,
+                ],
+                [match(meta("l4proto"), "udp"), match(pl("udp", "sport"), 547), counter(), DROP],
+                [NEW, jump("machine_limits6")],
+                [match(cat(pl("ip6", "saddr"), pl("ip6", "daddr")), "@reach6"), ACCEPT],
+                [counter(), DROP],
+            ],
+        )
+        i["to_host6"] = (
+            None,
+            [
+                [match(pl("icmpv6", "type"), {"set": _ND_TO_DOM0}), ACCEPT],
+                [match(pl("udp", "sport"), 546), match(pl("udp", "dport"), 547), ACCEPT],
+                [NEW, jump("machine_limits6")],
+                [
+                    match(
+                        cat(
+                            pl("ip6", "saddr"),
+                            pl("ip6", "daddr"),
+                            meta("l4proto"),
+                            pl("th", "dport"),
+                        ),
+                        "@services6",
+                    ),
+                    ACCEPT,
+                ],
+                [
+                    match(pl("icmpv6", "type"), "echo-request"),
+                    match(cat(pl("ip6", "saddr"), pl("ip6", "daddr")), "@ping6"),
+                    ACCEPT,
+                ],
+                [counter(), DROP],
+            ],
+        )
+        i["output"] = (
+            # dom0 routes a machine's IPv6 back out of the bridge it came in on:
+            # it never tells the machine to go around it (an ICMPv6 redirect)
+            {"type": "filter", "hook": "output", "prio": 0, "policy": "accept"},
+            [
+                [
+                    match(meta("oifname"), bridge),
+                    match(pl("icmpv6", "type"), "nd-redirect"),
+                    counter(),
+                    DROP,
+                ]
+            ],
+        )
+    v6 = [[match(meta("nfproto"), "ipv6"), jump("from_machines6")]] if shape.ipv6 else []
     egress = shape.egress
     from_machines: list[Rule] = [
         [ESTABLISHED, ACCEPT],
         [RELATED, jump("related_check")],
+        *v6,
         [match(meta("nfproto"), "ipv4", "!="), counter(), DROP],
         # a machine is never a DHCP server, for anyone
         [match(meta("l4proto"), "udp"), match(pl("udp", "sport"), 67), counter(), DROP],
@@ -604,6 +794,7 @@ def _inet(shape: Shape) -> dict[str, Chain]:
     to_host: list[Rule] = [
         [ESTABLISHED, ACCEPT],
         [RELATED, jump("related_check")],
+        *([[match(meta("nfproto"), "ipv6"), jump("to_host6")]] if shape.ipv6 else []),
         [match(meta("nfproto"), "ipv4", "!="), counter(), DROP],
         # (the bridge table let through only well-formed client messages to dom0's server)
         [
