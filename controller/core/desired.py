@@ -55,6 +55,12 @@ NAT_OUT = ("inet", "nat_out")  # ipv4_addr (interval): pools masqueraded when th
 # destination glob matches (`grp_mN`). A machine joins its groups: one
 # element each, whatever the lists say.
 GROUP_PREFIX = "grp_"
+GROUP6_PREFIX = "grp6_"  # a group's IPv6 twin (`ipv6_addr`), in policies with IPv6
+
+
+def twin6(group: str) -> str:
+    return GROUP6_PREFIX + group.removeprefix(GROUP_PREFIX)
+
 
 MACHINE_SETS = (
     PORT_MAC, MACS, BINDING, PORT_ADDR, PORT_BCAST, DHCP_CLIENT, DHCP_REPLY, SELF4,
@@ -84,6 +90,7 @@ class AllowRule:
     out: bool  # only out of the egress interface (the internet, a network outside)
     proto: str | None = None  # None: every protocol
     ports: tuple[tuple[int, int], ...] = ()  # () every port
+    family: str = "ip"  # "ip6": a rule of the `allow6` chain (IPv6 /64s and groups)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -122,6 +129,7 @@ class Shape:
     dhcp_client: bool = True
     limits: Limits = field(default_factory=Limits)
     allow: tuple[AllowRule, ...] = ()  # the allow lists, in policy order
+    allow6: tuple[AllowRule, ...] = ()  # the same for IPv6, where both ends have it
     groups: tuple[str, ...] = ()  # the group sets they name (GROUP_PREFIX...)
     forwards: tuple[Forward, ...] = ()  # published ports
     hairpin: tuple[str, ...] = ()  # pools that may reach the published ports from inside
@@ -325,13 +333,20 @@ def _group_elements(policy: Policy, a: Allocation) -> dict[tuple[str, str], froz
     groups = groups_of(policy)
     out: dict[tuple[str, str], frozenset[Element]] = {}
     mine = frozenset({(a.address,)})
+    d = policy.domains.get(a.domain)
+    six = d.address6(a.address) if d is not None and a.underlay is None else None
+    joined = []
     if (name := groups.rules.get(a.rule)) is not None:
-        out[("inet", name)] = mine
+        joined.append(name)
     if groups.names:
         label = label_of(policy, a)
-        for name, domain, glob in groups.names:
-            if domain == a.domain and fnmatchcase(label, glob):
-                out[("inet", name)] = mine
+        joined += [
+            n for n, domain, glob in groups.names if domain == a.domain and fnmatchcase(label, glob)
+        ]
+    for name in joined:
+        out[("inet", name)] = mine
+        if six is not None:
+            out[("inet", twin6(name))] = frozenset({(six,)})
     return out
 
 
@@ -356,6 +371,32 @@ def allow_rules(policy: Policy) -> tuple[AllowRule, ...]:
         for p in g.ports:
             out.append(AllowRule(g.where, src, dst, leaves, p.proto, p.ranges))
     return tuple(out)
+
+
+def allow_rules6(policy: Policy) -> tuple[AllowRule, ...]:
+    """The `allow6` chain: the allow entries between the site's machines whose
+    both ends have IPv6 (there is no IPv6 egress yet: entries to the
+    internet or a network outside are IPv4's only)."""
+    out: list[AllowRule] = []
+    for r in allow_rules(policy):
+        if r.out:
+            continue
+        src = _six(policy, r.src)
+        dst = _six(policy, r.dst) if r.dst is not None else None
+        if src is None or dst is None:
+            continue
+        out.append(AllowRule(r.where, src, dst, False, r.proto, r.ports, "ip6"))
+    return tuple(out)
+
+
+def _six(policy: Policy, v4: str) -> str | None:
+    """A pool's /64 (None: it has none), or a group's IPv6 twin."""
+    if v4.startswith("@"):
+        return "@" + twin6(v4[1:])
+    for d in policy.domains.values():
+        if str(d.pool) == v4:
+            return None if d.pool6 is None else str(d.pool6)
+    return None
 
 
 def machine_state(policy: Policy, a: Allocation, public_key: str | None = None) -> MachineState:
@@ -562,7 +603,9 @@ def policy_state(
         dhcp_client=policy.host.dhcp_client,
         limits=policy.limits,
         allow=allow_rules(policy),
-        groups=groups_of(policy).sets,
+        allow6=allow_rules6(policy) if ranges6 else (),
+        groups=groups_of(policy).sets
+        + (tuple(twin6(g) for g in groups_of(policy).sets) if ranges6 else ()),
         forwards=forwards,
         hairpin=tuple(sorted(_hairpin(policy))) if forwards else (),
         site=tuple(str(d.pool) for d in domains.values()) if forwards else (),

@@ -7,6 +7,8 @@ DHCPv6 reservation and all its IPv6 goes through dom0.
 
 - vm1 reaches vm3 (same domain) over IPv6; vm1 does not reach vm2 (another
   domain): a clean block; the control: with `reach = ["y"]` it does;
+- x's allow entry (y on tcp/443) holds for IPv6 too: tcp/443 passes, tcp/8443
+  does not;
 - a forged IPv6 source (vm1 as vm3) gets nothing through: dom0's answer to
   it never reaches anyone; the control: vm1 as itself is answered;
 - a router advertisement from a VM reaches no other VM; the control: the
@@ -25,7 +27,16 @@ from typing import Any
 
 import pytest
 
-from controller.lab import controllerproc, dhcp6client, forge, probe, topology, uplink, vm
+from controller.lab import (
+    controllerproc,
+    dhcp6client,
+    forge,
+    ports,
+    probe,
+    topology,
+    uplink,
+    vm,
+)
 from controller.lab.capture import Capture, classify_wan
 from controller.lab.forge import Sniffer
 from controller.lab.rundir import Lab
@@ -48,14 +59,18 @@ def v6lab() -> Any:
     from controller.lab import build, teardown
 
     name = unique_lab_name()
+    servers: list[ports.Server] = []
     try:
         lab = build.create(name, 3, policy=POLICY)
         for i in (X1, Y1, X2):
             dhcp6client.start(lab, i)
         for i, address in addresses6(lab).items():
             dhcp6client.wait_address(lab, i, address)
+        servers.append(ports.serve(lab.vm_ns(Y1), (443, 8443), bind="::"))
         yield lab
     finally:
+        for s in servers:
+            s.stop()
         teardown.down(name)
         assert not teardown.exists(name), f"lab {name} not fully torn down"
 
@@ -132,6 +147,15 @@ def test_members_reach_each_other_over_ipv6_and_another_domain_does_not(v6lab: L
         assert not r.ok and r.kind == "timeout", r.describe()
 
 
+def test_an_allow_entry_holds_for_ipv6(v6lab: Lab) -> None:
+    ip = addresses6(v6lab)
+    https, other = ports.probe(
+        v6lab.vm_ns(X1), [f"[{ip[Y1]}]:tcp/443", f"[{ip[Y1]}]:tcp/8443"], timeout=2
+    )
+    assert https.ok, https.describe()
+    assert not other.ok and other.kind == "timeout", other.describe()
+
+
 def test_a_forged_ipv6_source_gets_nothing_through(v6lab: Lab) -> None:
     """vm1 pings dom0's gateway in x as vm3: dom0 never answers vm3 (nor
     vm1); control: as itself, vm1 is answered."""
@@ -193,7 +217,9 @@ def test_control_reach_opens_ipv6_to_the_other_domain(v6lab: Lab) -> None:
     lab = v6lab
     ip = addresses6(lab)
     text = lab.policy_path.read_text()
-    opened = text.replace("[domains.x]\n", '[domains.x]\nreach = ["y"]\n', 1)
+    opened = text.replace("[domains.x]\n", '[domains.x]\nreach = ["y"]\n', 1).replace(
+        'allow = [{ to = "y", ports = ["tcp/443"] }]\n', ""
+    )
     assert opened != text
     assert controllerproc.reload(lab, opened) == "applying"
     r = probe.ping(lab.vm_ns(X1), ip[Y1], timeout=2)

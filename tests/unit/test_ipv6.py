@@ -47,10 +47,10 @@ def test_derived_prefixes_are_stable_distinct_ulas() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "says"),
     [
-        ('ipv6 = true\n[domains.y]', 'pool6 = "fd00:1:2::/56"\n[domains.y]', "domains.x.pool6: 'fd00:1:2::/56', expected an IPv6 /64"),
-        ('ipv6 = true\n[domains.y]', 'pool6 = "fd00:1:2:3::1/64"\n[domains.y]', "domains.x.pool6: 'fd00:1:2:3::1/64' is not an IPv6 network"),
-        ('ipv6 = true\n[domains.y]', 'pool6 = "fe80::/64"\n[domains.y]', "not a unicast prefix"),
-        ('ipv6 = true\n[domains.y]', 'ipv6 = false\npool6 = "fd00::/64"\n[domains.y]', "domains.x.ipv6: is false but pool6 is set"),
+        ('ipv6 = true\n', 'pool6 = "fd00:1:2::/56"\n', "domains.x.pool6: 'fd00:1:2::/56', expected an IPv6 /64"),
+        ('ipv6 = true\n', 'pool6 = "fd00:1:2:3::1/64"\n', "domains.x.pool6: 'fd00:1:2:3::1/64' is not an IPv6 network"),
+        ('ipv6 = true\n', 'pool6 = "fe80::/64"\n', "not a unicast prefix"),
+        ('ipv6 = true\n', 'ipv6 = false\npool6 = "fd00::/64"\n', "domains.x.ipv6: is false but pool6 is set"),
         ("[site]\n", '[site]\nula = "2001:db8::/48"\n', "site.ula: '2001:db8::/48', expected a ULA /48"),
         ("ipv6 = true\n[[rules]]", 'pool6 = "fd00:1:2:3::/64"\n[[rules]]', "overlap"),
     ],
@@ -58,7 +58,7 @@ def test_derived_prefixes_are_stable_distinct_ulas() -> None:
 def test_bad_ipv6_settings_are_one_line(old: str, new: str, says: str) -> None:
     text = LAB.replace(old, new, 1)
     if says == "overlap":
-        text = text.replace("ipv6 = true\n[domains.y]", 'pool6 = "fd00:1:2:3::/64"\n[domains.y]', 1)
+        text = text.replace("ipv6 = true\n", 'pool6 = "fd00:1:2:3::/64"\n', 1)
         says = "domains.y.pool6: fd00:1:2:3::/64 is domains.x's too"
     assert text != LAB
     got = problems(text)
@@ -163,3 +163,23 @@ def test_the_bridge_guard_in_the_fake() -> None:
     assert not forged.delivered
     with pytest.raises(NotModelled):
         f.verdict(v6(VM1, p, dst=str(p.domains["x"].gateway6), icmp_type="echo-request"))
+
+
+def test_allow_entries_apply_to_ipv6_where_both_ends_have_it() -> None:
+    from controller.core.desired import AllowRule, twin6
+
+    p = policy()
+    x6, y6 = str(p.domains["x"].pool6), str(p.domains["y"].pool6)
+    assert policy_state(p, []).shape.allow6 == (
+        AllowRule("domains.x.allow[1]", x6, y6, False, "tcp", ((443, 443),), "ip6"),
+    )
+    # a rule's grant: its machines join the group's IPv6 twin as well
+    text = LAB.replace('match.mac_mask = "52:54:00:d0:00:01/ff:ff:ff:ff:00:01"\n',
+                       'match.mac_mask = "52:54:00:d0:00:01/ff:ff:ff:ff:00:01"\n'
+                       'allow = [{ to = "db*.y", ports = ["tcp/22"] }]\n', 1)  # fmt: skip
+    q = policy(text)
+    state = policy_state(q, [])
+    assert {"grp_r_odd", "grp6_r_odd", "grp_m1", "grp6_m1"} <= set(state.shape.groups)
+    m = machine_state(q, VM1).elements
+    assert m[("inet", twin6("grp_r_odd"))] == {(q.domains["x"].address6(VM1.address),)}
+    assert ("inet", "grp6_m1") in machine_state(q, VM2).elements

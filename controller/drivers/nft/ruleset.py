@@ -64,6 +64,7 @@ from controller.core.desired import (
     DHCP_SERVER,
     EGRESS,
     EXEMPT,
+    GROUP6_PREFIX,
     GROUP_PREFIX,
     ICMP,
     ICMP6,
@@ -195,6 +196,8 @@ SETS: dict[tuple[str, str], SetSpec] = {
 def spec_of(key: tuple[str, str]) -> SetSpec | None:
     """The set of that name: one of SETS, or a group set of an allow list."""
     spec = SETS.get(key)
+    if spec is None and key[0] == "inet" and key[1].startswith(GROUP6_PREFIX):
+        return SetSpec("inet", key[1], ("ipv6_addr",))
     if spec is None and key[0] == "inet" and key[1].startswith(GROUP_PREFIX):
         return SetSpec("inet", key[1], ("ipv4_addr",))
     return spec
@@ -202,8 +205,8 @@ def spec_of(key: tuple[str, str]) -> SetSpec | None:
 
 def set_specs(shape: Shape) -> dict[tuple[str, str], SetSpec]:
     """Every set dom0's tables hold with this shape."""
-    groups = {("inet", g): SetSpec("inet", g, ("ipv4_addr",)) for g in shape.groups}
-    return {**SETS, **groups}
+    groups = {("inet", g): spec_of(("inet", g)) for g in shape.groups}
+    return {**SETS, **{k: v for k, v in groups.items() if v is not None}}
 
 
 METERS: tuple[Meter, ...] = (
@@ -689,9 +692,12 @@ def _inet(shape: Shape) -> dict[str, Chain]:
                 [match(meta("l4proto"), "udp"), match(pl("udp", "sport"), 547), counter(), DROP],
                 [NEW, jump("machine_limits6")],
                 [match(cat(pl("ip6", "saddr"), pl("ip6", "daddr")), "@reach6"), ACCEPT],
+                *([[jump("allow6")]] if shape.allow6 else []),
                 [counter(), DROP],
             ],
         )
+        if shape.allow6:
+            i["allow6"] = (None, [_allow(r, egress=None) for r in shape.allow6])
         i["to_host6"] = (
             None,
             [
@@ -900,9 +906,9 @@ def _address(cidr_or_set: str) -> Any:
 
 def _allow(r: AllowRule, egress: str | None) -> Rule:
     """An allow entry for one protocol: source, destination, protocol, ports."""
-    rule = [match(pl("ip", "saddr"), _address(r.src))]
+    rule = [match(pl(r.family, "saddr"), _address(r.src))]
     if r.dst is not None:
-        rule.append(match(pl("ip", "daddr"), _address(r.dst)))
+        rule.append(match(pl(r.family, "daddr"), _address(r.dst)))
     if r.out:
         if egress is None:
             raise ValueError(f"{r.where}: leaves the site, but the shape has no egress")
