@@ -48,6 +48,8 @@ SSH6 = ("inet", "ssh6")  # ipv6_addr (interval)
 REACH6 = ("inet", "reach6")  # ipv6_addr . ipv6_addr (interval): as reach, for the /64s
 SERVICE6 = ("inet", "services6")  # /64 . dom0's address in it . protocol . port
 ICMP6 = ("inet", "ping6")  # /64 . dom0's address in it
+EGRESS6 = ("inet", "egress6")  # ipv6_addr (interval): /64s that may reach the internet
+NAT_OUT6 = ("inet", "nat_out6")  # /64s masqueraded when they leave (through the uplink)
 NAT_OUT = ("inet", "nat_out")  # ipv4_addr (interval): pools masqueraded when they leave
 # Per machine, one set per group that allow lists name (all `ipv4_addr`, in
 # `inet dom0`, named GROUP_PREFIX...): the machines of a rule that has an
@@ -71,7 +73,7 @@ MACHINE_SETS = (
 PORT_SETS = (PORT_BCAST,)
 POLICY_SETS = (
     EXEMPT, PEERS, DHCP_SERVER, REACH, EGRESS, SERVICE, ICMP, SSH4, SSH6, NAT_OUT,
-    REACH6, SERVICE6, ICMP6,
+    REACH6, SERVICE6, ICMP6, EGRESS6, NAT_OUT6,
 )  # fmt: skip
 ALL_SETS = MACHINE_SETS + POLICY_SETS
 
@@ -136,6 +138,7 @@ class Shape:
     site: tuple[str, ...] = ()  # every domain's pool (hairpin connections are masqueraded)
     bridge_netfilter: bool = True  # bridged IPv4 crosses the inet tables too (br_netfilter)
     ipv6: bool = False  # some domain has IPv6: the bridge polices it instead of dropping it
+    egress6: bool = False  # the uplink carries IPv6: domains may reach the internet over it
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -206,6 +209,7 @@ class DhcpConfig:
     log: str = "transactions"  # policy.DHCP_LOG
     # (tag, /64): DHCPv6 from reservations only, announced by router advertisements
     ranges6: tuple[tuple[str, str], ...] = ()
+    default_route6: bool = False  # the RAs make dom0 the default router (IPv6 egress)
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,15 +377,17 @@ def allow_rules(policy: Policy) -> tuple[AllowRule, ...]:
     return tuple(out)
 
 
-def allow_rules6(policy: Policy) -> tuple[AllowRule, ...]:
-    """The `allow6` chain: the allow entries between the site's machines whose
-    both ends have IPv6 (there is no IPv6 egress yet: entries to the
-    internet or a network outside are IPv4's only)."""
+def allow_rules6(policy: Policy, egress: bool = False) -> tuple[AllowRule, ...]:
+    """The `allow6` chain: the allow entries whose both ends have IPv6 (the
+    internet only when the uplink carries IPv6; a network outside is an IPv4
+    CIDR, IPv4's only)."""
     out: list[AllowRule] = []
     for r in allow_rules(policy):
-        if r.out:
-            continue
         src = _six(policy, r.src)
+        if r.out:
+            if egress and r.dst is None and src is not None:  # the internet
+                out.append(AllowRule(r.where, src, None, True, r.proto, r.ports, "ip6"))
+            continue
         dst = _six(policy, r.dst) if r.dst is not None else None
         if src is None or dst is None:
             continue
@@ -479,6 +485,9 @@ def policy_state(
     addresses: set[Address] = set()
     ranges: list[DhcpRange] = []
     reach6: set[Element] = set()
+    egress6: set[Element] = set()
+    nat_out6: set[Element] = set()
+    v6_out = uplink is not None and any(":" in a for a in uplink.addresses)
     services6: set[Element] = set()
     icmp6: set[Element] = set()
     ranges6: list[tuple[str, str]] = []
@@ -490,6 +499,12 @@ def policy_state(
         ranges6.append((d.name, pool6))
         if d.members_reach:
             reach6.add((pool6, pool6))  # through dom0: machines have no on-link prefix
+        if v6_out and d.internet:
+            egress6.add((pool6,))
+        if v6_out and (
+            d.internet or any(g.kind == "internet" for g in policy.grants if g.domain == d.name)
+        ):
+            nat_out6.add((pool6,))  # (a ULA: it leaves behind dom0's tunnel address)
         for other in d.reach:
             if (o6 := domains[other].pool6) is not None:
                 reach6.add((pool6, str(o6)))
@@ -603,7 +618,7 @@ def policy_state(
         dhcp_client=policy.host.dhcp_client,
         limits=policy.limits,
         allow=allow_rules(policy),
-        allow6=allow_rules6(policy) if ranges6 else (),
+        allow6=allow_rules6(policy, v6_out) if ranges6 else (),
         groups=groups_of(policy).sets
         + (tuple(twin6(g) for g in groups_of(policy).sets) if ranges6 else ()),
         forwards=forwards,
@@ -611,6 +626,7 @@ def policy_state(
         site=tuple(str(d.pool) for d in domains.values()) if forwards else (),
         bridge_netfilter=bridge_netfilter,
         ipv6=bool(ranges6),
+        egress6=bool(ranges6) and v6_out,
     )
     return PolicyState(
         shape=shape,
@@ -627,6 +643,8 @@ def policy_state(
             SSH6: frozenset((c,) for c in policy.host.ssh_from if ":" in c),
             NAT_OUT: frozenset(nat_out),
             REACH6: frozenset(reach6),
+            EGRESS6: frozenset(egress6),
+            NAT_OUT6: frozenset(nat_out6),
             SERVICE6: frozenset(services6),
             ICMP6: frozenset(icmp6),
         },
@@ -640,6 +658,7 @@ def policy_state(
             else (),
             policy.dhcp_log,
             tuple(ranges6),
+            bool(ranges6) and v6_out,
         ),
         uplink=uplink_state,
         hub=hub_state,

@@ -92,8 +92,11 @@ def dnsmasq_argv(config: DhcpConfig, state_dir: Path, binary: str = "dnsmasq") -
         # each machine hears every prefix): managed (M), no SLAAC (A=0) and not
         # on-link (L=0), so that a machine's only address is its DHCPv6
         # reservation and all its IPv6 goes through dom0, which applies the
-        # policy; router lifetime 0: no default route, there is no IPv6 egress.
-        argv += ["--enable-ra", f"--ra-param={config.bridge},0,0"]
+        # policy; router lifetime 0 (no default route) unless the uplink
+        # carries IPv6.
+        argv.append("--enable-ra")
+        if not config.default_route6:
+            argv.append(f"--ra-param={config.bridge},0,0")
         for tag, prefix in config.ranges6:
             network = prefix.split("/")[0]
             argv.append(

@@ -206,7 +206,11 @@ def _build(
         text = path.read_text()
         has_uplink = "uplink" in tomllib.loads(text)
         if with_uplink and not has_uplink:
-            controllerproc.write_policy(lab, text + uplink.prepare(lab))
+            ipv6 = any(
+                isinstance(d, dict) and (d.get("ipv6") or "pool6" in d)
+                for d in tomllib.loads(text).get("domains", {}).values()
+            )
+            controllerproc.write_policy(lab, text + uplink.prepare(lab, ipv6=ipv6))
             has_uplink = True
 
     netns.create(namespaces)

@@ -32,6 +32,10 @@ VPN_WAN = "198.51.100.3"
 WAN_PREFIX = 24
 ECHO_ADDRESS = "203.0.113.10"
 ECHO_PORT = 80
+# The lab internet's IPv6 (ULAs: nothing of it is anyone's outside the lab)
+WAN_GATEWAY6 = "fd98::1"
+VPN_WAN6 = "fd98::3"
+INTERNET6 = "fd97::10"  # on NAME-wan's lo, beside the echo's address
 
 WAN_BRIDGE = "inet0"
 DOM0_WAN_IF = "wan"
@@ -250,6 +254,8 @@ def wan_config() -> list[str]:
         f"link set {WAN_PORT_VPN} master {WAN_BRIDGE}",
         f"addr add {WAN_GATEWAY}/{WAN_PREFIX} dev {WAN_BRIDGE}",
         f"addr add {ECHO_ADDRESS}/32 dev lo",
+        f"addr add {WAN_GATEWAY6}/64 dev {WAN_BRIDGE}",
+        f"addr add {INTERNET6}/128 dev lo",
         f"link set {WAN_PORT_DOM0} up",
         f"link set {WAN_PORT_VPN} up",
         f"link set {WAN_BRIDGE} up",
@@ -262,6 +268,8 @@ def vpn_config() -> list[str]:
         f"addr add {VPN_WAN}/{WAN_PREFIX} dev {VPN_WAN_IF}",
         f"link set {VPN_WAN_IF} up",
         f"route add default via {WAN_GATEWAY} dev {VPN_WAN_IF}",
+        f"addr add {VPN_WAN6}/64 dev {VPN_WAN_IF}",
+        f"route add ::/0 via {WAN_GATEWAY6} dev {VPN_WAN_IF}",
     ]
 
 

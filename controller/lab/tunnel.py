@@ -41,13 +41,15 @@ def server(args: argparse.Namespace) -> None:
         IFNAME,
         [Peer(base64.b64decode(args.peer), tuple(args.allowed.split(",")))],
     )
-    _ip("address", "replace", args.address, "dev", IFNAME)
+    for address in args.address.split(","):
+        _ip("address", "replace", address, "dev", IFNAME)
     _ip("link", "set", IFNAME, "up")
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+    Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("1")
     rules = (
-        "table ip labvpn\n"
-        "delete table ip labvpn\n"
-        "table ip labvpn {\n"
+        "table inet labvpn\n"
+        "delete table inet labvpn\n"
+        "table inet labvpn {\n"
         "  chain postrouting { type nat hook postrouting priority srcnat; policy accept;\n"
         f'    oifname "{args.wan}" masquerade\n'
         "  }\n"

@@ -22,6 +22,9 @@ from controller.lab.rundir import Lab
 SERVER_PORT = 51820
 SERVER_TUNNEL = "10.200.0.1/24"
 DOM0_TUNNEL = "10.200.0.2/32"
+# The provider's IPv6 in the tunnel, for a lab whose policy has IPv6 domains
+SERVER_TUNNEL6 = "fd99:200::1/64"
+DOM0_TUNNEL6 = "fd99:200::2/128"
 UPLINK_KEY = "keys/uplink.key"  # relative to the controller's state directory
 
 
@@ -29,8 +32,10 @@ def _b64(key: bytes) -> str:
     return keys.to_base64(key)
 
 
-def prepare(lab: Lab) -> str:
-    """Both ends' keys; returns the [uplink] section for dom0's policy."""
+def prepare(lab: Lab, ipv6: bool = False) -> str:
+    """Both ends' keys; returns the [uplink] section for dom0's policy (with
+    an IPv6 tunnel address too when its domains have IPv6: the uplink then
+    carries their IPv6)."""
     vpn_dir = lab.root / "vpn"
     vpn_dir.mkdir(mode=0o700, exist_ok=True)
     server = keys.load_or_create(vpn_dir / "server.key")
@@ -42,7 +47,11 @@ def prepare(lab: Lab) -> str:
         f'endpoint = "{topology.VPN_WAN}:{SERVER_PORT}"\n'
         f'public_key = "{_b64(server.public)}"\n'
         f'private_key_file = "{UPLINK_KEY}"\n'
-        f'addresses = ["{DOM0_TUNNEL}"]\n'
+        + (
+            f'addresses = ["{DOM0_TUNNEL}", "{DOM0_TUNNEL6}"]\n'
+            if ipv6
+            else f'addresses = ["{DOM0_TUNNEL}"]\n'
+        )
     )
 
 
@@ -54,8 +63,8 @@ def start_server(lab: Lab) -> None:
         [
             sys.executable, "-m", "controller.lab.tunnel", "server",
             "--state", str(vpn_dir / "wireguard"), "--key", str(vpn_dir / "server.key"),
-            "--listen", str(SERVER_PORT), "--address", SERVER_TUNNEL,
-            "--peer", _b64(dom0.public), "--allowed", DOM0_TUNNEL,
+            "--listen", str(SERVER_PORT), "--address", f"{SERVER_TUNNEL},{SERVER_TUNNEL6}",
+            "--peer", _b64(dom0.public), "--allowed", f"{DOM0_TUNNEL},{DOM0_TUNNEL6}",
             "--wan", topology.VPN_WAN_IF,
         ],
         env=processes.python_env(),

@@ -13,8 +13,11 @@ DHCPv6 reservation and all its IPv6 goes through dom0.
   it never reaches anyone; the control: vm1 as itself is answered;
 - a router advertisement from a VM reaches no other VM; the control: the
   same frame from dom0's side of the bridge does;
-- nothing IPv6 leaves dom0's WAN meanwhile (the lab's WAN capture; its
-  controls, with the protection removed, are in test_wireguard_lab.py).
+- the uplink carries IPv6: x (internet) reaches the lab internet's IPv6
+  host through it, y (no internet) does not;
+- nothing IPv6 leaves dom0's WAN outside the tunnel meanwhile (the lab's WAN
+  capture; its controls, with the protection removed, are in
+  test_wireguard_lab.py).
 """
 
 from __future__ import annotations
@@ -207,9 +210,14 @@ def test_no_ipv6_leaves_the_wan(v6lab: Lab) -> None:
             dhcp6client.wait_address(lab, i, address)
         for target in (ip[X2], ip[Y1], "fd99::1", gateway6(lab, "y")):
             probe.ping(lab.vm_ns(X1), target, timeout=1)
+        out = probe.ping(lab.vm_ns(X1), topology.INTERNET6, timeout=2)
+        closed = probe.ping(lab.vm_ns(Y1), topology.INTERNET6, timeout=2)
     finally:
         seen = classify_wan(cap.stop(), (topology.VPN_WAN, uplink.SERVER_PORT))
     assert not seen.leaks, seen.describe_leaks()
+    # (x's ping to the internet crossed the WAN inside the tunnel: counted above as such)
+    assert out.ok, out.describe()
+    assert not closed.ok and closed.kind == "timeout", closed.describe()
 
 
 def test_control_reach_opens_ipv6_to_the_other_domain(v6lab: Lab) -> None:

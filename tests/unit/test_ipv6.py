@@ -183,3 +183,22 @@ def test_allow_entries_apply_to_ipv6_where_both_ends_have_it() -> None:
     m = machine_state(q, VM1).elements
     assert m[("inet", twin6("grp_r_odd"))] == {(q.domains["x"].address6(VM1.address),)}
     assert ("inet", "grp6_m1") in machine_state(q, VM2).elements
+
+
+def test_ipv6_egress_only_when_the_uplink_carries_it() -> None:
+    from controller.core.desired import EGRESS6, NAT_OUT6
+
+    uplink = (
+        '\n[uplink]\nendpoint = "198.51.100.3:51820"\n'
+        'public_key = "Q6bUtz4Uwvgimwqwj4cH6z6J5Jlsr/dEKBtUJoOZSTA="\n'
+        'addresses = ["10.200.0.2/32"{six}]\n'
+    )
+    v4only = policy_state(policy(LAB + uplink.format(six="")), [])
+    assert not v4only.shape.egress6 and not v4only.sets[EGRESS6] and not v4only.dhcp.default_route6
+    assert "--ra-param=virbr0,0,0" in dnsmasq_argv(v4only.dhcp, Path("/s"))
+    p = policy(LAB + uplink.format(six=', "fd99:200::2/128"'))
+    both = policy_state(p, [])
+    x6 = str(p.domains["x"].pool6)
+    assert both.shape.egress6 and both.sets[EGRESS6] == {(x6,)} and both.sets[NAT_OUT6] == {(x6,)}
+    assert both.dhcp.default_route6
+    assert "--ra-param=virbr0,0,0" not in dnsmasq_argv(both.dhcp, Path("/s"))

@@ -63,6 +63,7 @@ from controller.core.desired import (
     DHCP_REPLY,
     DHCP_SERVER,
     EGRESS,
+    EGRESS6,
     EXEMPT,
     GROUP6_PREFIX,
     GROUP_PREFIX,
@@ -70,6 +71,7 @@ from controller.core.desired import (
     ICMP6,
     MACS,
     NAT_OUT,
+    NAT_OUT6,
     ND_TARGET,
     PEERS,
     PORT_ADDR,
@@ -189,6 +191,8 @@ SETS: dict[tuple[str, str], SetSpec] = {
             interval=True,
         ),
         SetSpec("inet", ICMP6[1], ("ipv6_addr", "ipv6_addr"), interval=True),
+        SetSpec("inet", EGRESS6[1], ("ipv6_addr",), interval=True),
+        SetSpec("inet", NAT_OUT6[1], ("ipv6_addr",), interval=True),
     )
 }
 
@@ -693,11 +697,22 @@ def _inet(shape: Shape) -> dict[str, Chain]:
                 [NEW, jump("machine_limits6")],
                 [match(cat(pl("ip6", "saddr"), pl("ip6", "daddr")), "@reach6"), ACCEPT],
                 *([[jump("allow6")]] if shape.allow6 else []),
+                *(
+                    [
+                        [
+                            match(meta("oifname"), shape.egress),
+                            match(pl("ip6", "saddr"), "@egress6"),
+                            ACCEPT,
+                        ]
+                    ]
+                    if shape.egress6 and shape.egress
+                    else []
+                ),
                 [counter(), DROP],
             ],
         )
         if shape.allow6:
-            i["allow6"] = (None, [_allow(r, egress=None) for r in shape.allow6])
+            i["allow6"] = (None, [_allow(r, shape.egress) for r in shape.allow6])
         i["to_host6"] = (
             None,
             [
@@ -854,6 +869,14 @@ def _inet(shape: Shape) -> dict[str, Chain]:
             [
                 match(meta("oifname"), egress),
                 match(pl("ip", "saddr"), "@nat_out"),
+                {"masquerade": None},
+            ]
+        )
+    if egress and shape.egress6:
+        nat.append(
+            [
+                match(meta("oifname"), egress),
+                match(pl("ip6", "saddr"), "@nat_out6"),
                 {"masquerade": None},
             ]
         )
