@@ -31,6 +31,7 @@ SELF4 = ("inet", "self4")  # ipv4_addr . ipv4_addr: (a, a) for each of its addre
 PORT_ADDR = ("bridge", "port_addr")  # ifname . ipv4_addr: the port that holds an address
 BINDING6 = ("bridge", "binding6")  # ifname . ether_addr . ipv6_addr: its IPv6 address
 ND_TARGET = ("bridge", "nd_target")  # ifname . 128 raw bits: what its NAs may advertise
+ND_LLADDR = ("bridge", "nd_lladdr")  # ifname . 48 raw bits: the MAC its ND options may name
 SELF6 = ("inet", "self6")  # ipv6_addr . ipv6_addr: (a, a)
 # Per port (its machines share it: they are of one domain):
 PORT_BCAST = ("bridge", "port_bcast")  # ifname . ipv4_addr: the port's domain broadcast
@@ -66,7 +67,7 @@ def twin6(group: str) -> str:
 
 MACHINE_SETS = (
     PORT_MAC, MACS, BINDING, PORT_ADDR, PORT_BCAST, DHCP_CLIENT, DHCP_REPLY, SELF4,
-    BINDING6, ND_TARGET, SELF6,
+    BINDING6, ND_TARGET, ND_LLADDR, SELF6,
 )  # fmt: skip
 # Elements the machines of one port share (the incremental path counts the
 # port's other machines in: see core.plan.plan_machines).
@@ -426,6 +427,7 @@ def machine_state(policy: Policy, a: Allocation, public_key: str | None = None) 
     if address6 is not None:
         elements[BINDING6] = frozenset({(a.port, a.mac, address6)})
         elements[ND_TARGET] = frozenset({(a.port, address6)})
+        elements[ND_LLADDR] = frozenset({(a.port, a.mac)})
         elements[SELF6] = frozenset({(address6, address6)})
     if bridge_address is not None:
         elements[BINDING] = frozenset({(a.port, a.mac, bridge_address)})

@@ -180,6 +180,46 @@ def test_a_forged_ipv6_source_gets_nothing_through(v6lab: Lab) -> None:
     assert ctl["vm1"].total > 0, "control: dom0 did not answer vm1's own ping"
 
 
+def neighbour_solicitation(src_mac: str, src: str, lladdr: str, target: str) -> bytes:
+    from scapy.layers.inet6 import ICMPv6ND_NS, ICMPv6NDOptSrcLLAddr, IPv6
+    from scapy.layers.l2 import Ether
+
+    return bytes(
+        Ether(src=src_mac, dst=topology.BRIDGE_MAC)
+        / IPv6(src=src, dst=target, hlim=255)
+        / ICMPv6ND_NS(tgt=target)
+        / ICMPv6NDOptSrcLLAddr(lladdr=lladdr)
+    )
+
+
+def neighbour(lab: Lab, address: str) -> str | None:
+    """The MAC dom0's neighbour cache holds for address on the bridge, if any."""
+    from controller.lab import netns
+
+    out = netns.run(lab.dom0_ns, ["ip", "-6", "neigh", "show", address, "dev", topology.BRIDGE])
+    words = out.stdout.split()
+    return words[words.index("lladdr") + 1] if "lladdr" in words else None
+
+
+def test_a_solicitation_naming_another_machines_mac_teaches_dom0_nothing(v6lab: Lab) -> None:
+    """vm1 solicits dom0 from a link-local address of its own but names vm3's
+    MAC in its source link-layer option: dom0's neighbour cache must not
+    learn it (it would send vm1's traffic to vm3); the control: naming its
+    own MAC, it does learn that."""
+    lab = v6lab
+    gw = "fe80::fc54:ff:fed0:fffe"  # dom0's link-local on the bridge (EUI-64 of its MAC)
+    mac1, mac3 = vm.mac(lab, X1), vm.mac(lab, X2)
+    forged_src, own_src = "fe80::d0:bad:1", "fe80::d0:600d:1"
+    forge.send(
+        lab, lab.vm_ns(X1), [neighbour_solicitation(mac1, forged_src, mac3, gw)] * 3, tag="ns"
+    )
+    forge.send(lab, lab.vm_ns(X1), [neighbour_solicitation(mac1, own_src, mac1, gw)] * 3, tag="nso")
+    from controller.lab.wait import wait_for
+
+    wait_for(lambda: neighbour(lab, own_src) == mac1, 5, "dom0 to learn vm1's own solicitation")
+    assert neighbour(lab, forged_src) is None
+
+
 def test_a_router_advertisement_from_a_vm_reaches_no_one(v6lab: Lab) -> None:
     lab = v6lab
     marker, control = forge.new_marker("v6ra"), forge.new_marker("v6rac")

@@ -202,3 +202,26 @@ def test_ipv6_egress_only_when_the_uplink_carries_it() -> None:
     assert both.shape.egress6 and both.sets[EGRESS6] == {(x6,)} and both.sets[NAT_OUT6] == {(x6,)}
     assert both.dhcp.default_route6
     assert "--ra-param=virbr0,0,0" not in dnsmasq_argv(both.dhcp, Path("/s"))
+
+
+def test_nd_options_must_name_the_ports_machine() -> None:
+    import ipaddress
+
+    from controller.drivers.nft.fake import NotModelled
+
+    p = policy()
+    f = fake(p)
+    gw = "fe80::fc54:ff:fed0:fffe"
+
+    def ns(lladdr: str, option: int = 1) -> Packet:
+        body = (
+            ipaddress.IPv6Address(gw).packed
+            + bytes([option, 1])
+            + bytes.fromhex(lladdr.replace(":", ""))
+        )
+        return v6(VM1, p, src="fe80::1", dst=gw, icmp_type="nd-neighbor-solicit", payload=body)
+
+    assert not f.verdict(ns(VM3.mac)).delivered  # another machine's MAC
+    assert not f.verdict(ns(VM1.mac, option=14)).delivered  # a first option that is not its address
+    with pytest.raises(NotModelled):  # its own: past the bridge, to dom0
+        f.verdict(ns(VM1.mac))

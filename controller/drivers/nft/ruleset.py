@@ -72,6 +72,7 @@ from controller.core.desired import (
     MACS,
     NAT_OUT,
     NAT_OUT6,
+    ND_LLADDR,
     ND_TARGET,
     PEERS,
     PORT_ADDR,
@@ -112,6 +113,14 @@ CHADDR = (_BOOTP + 28 * 8, 48)
 NA_TARGET = (64, 128)
 NA_TARGET_PREFIX = (64, 64)  # its first 64 bits: fe80:: for a link-local one
 LINK_LOCAL_PREFIX = 0xFE80000000000000
+# The first option of a neighbour solicitation or advertisement (after the
+# target) and of a router solicitation (after 32 reserved bits): its type,
+# and the link-layer address it carries (RFC 4861 4.6.1).
+ND_OPTION_TYPE = (192, 8)
+ND_OPTION_MAC = (208, 48)
+RS_OPTION_TYPE = (64, 8)
+RS_OPTION_MAC = (80, 48)
+SOURCE_LLADDR, TARGET_LLADDR = 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +190,12 @@ SETS: dict[tuple[str, str], SetSpec] = {
             ND_TARGET[1],
             ("ifname", "nd_target"),
             typeof=f"meta iifname . @th,{NA_TARGET[0]},{NA_TARGET[1]}",
+        ),
+        SetSpec(
+            "bridge",
+            ND_LLADDR[1],
+            ("ifname", "chaddr"),
+            typeof=f"meta iifname . @th,{ND_OPTION_MAC[0]},{ND_OPTION_MAC[1]}",
         ),
         SetSpec("inet", SELF6[1], ("ipv6_addr", "ipv6_addr")),
         SetSpec("inet", REACH6[1], ("ipv6_addr", "ipv6_addr"), interval=True),
@@ -518,8 +533,21 @@ def _police6(port: dict) -> list[Rule]:
     MLD; from a link-local address only neighbour discovery, MLD, ping and
     the DHCPv6 client; everything else only from the machine's own address."""
     icmp6 = pl("icmpv6", "type")
+    not_dad = match(pl("ip6", "saddr"), "::", "!=")
+    # The link-layer address in a solicitation or advertisement is what a
+    # neighbour cache believes: the first such option must name the port's
+    # machine (the kernel takes the first of duplicated options).
+    lladdr = [
+        [match(icmp6, "nd-router-solicit"), match(th(RS_OPTION_TYPE), SOURCE_LLADDR, "!="), counter(), DROP],
+        [match(icmp6, "nd-router-solicit"), match(cat(port, th(RS_OPTION_MAC)), "@nd_lladdr", "!="), counter(), DROP],
+        [match(icmp6, "nd-neighbor-solicit"), not_dad, match(th(ND_OPTION_TYPE), SOURCE_LLADDR, "!="), counter(), DROP],
+        [match(icmp6, "nd-neighbor-solicit"), not_dad, match(cat(port, th(ND_OPTION_MAC)), "@nd_lladdr", "!="), counter(), DROP],
+        [match(icmp6, "nd-neighbor-advert"), match(th(ND_OPTION_TYPE), TARGET_LLADDR, "!="), counter(), DROP],
+        [match(icmp6, "nd-neighbor-advert"), match(cat(port, th(ND_OPTION_MAC)), "@nd_lladdr", "!="), counter(), DROP],
+    ]  # fmt: skip
     return [
         [match(icmp6, {"set": ["nd-router-advert", "nd-redirect"]}), counter(), DROP],
+        *lladdr,
         [match(meta("l4proto"), "udp"), match(pl("udp", "sport"), 547), counter(), DROP],
         [
             match(icmp6, "nd-neighbor-advert"),
