@@ -12,7 +12,9 @@ internet is). www1 serves tcp/22, 80 and 443 (controller/lab/ports.py).
 - hairpin: a machine of a domain with the internet reaches the published
   port at the public (tunnel) address; one of a closed domain does not;
 - on the WAN: nothing gets in until the policy publishes a port there
-  (`via = "wan"`), and then that port only.
+  (`via = "wan"`), and then that port only;
+- the fake data plane, built from the sets the store implies, answers each
+  of the uplink and hairpin probes as the kernel did.
 """
 
 from __future__ import annotations
@@ -107,6 +109,52 @@ def test_hairpin_from_a_domain_with_the_internet(publish_lab: Lab) -> None:
     (pc,) = probe(lab.vm_ns(PC), f"{TUNNEL}:tcp/443")
     (closed,) = probe(lab.vm_ns(CLOSED), f"{TUNNEL}:tcp/443")
     assert not problems([pc, closed], (True, False)), problems([pc, closed], (True, False))
+
+
+def test_the_fake_data_plane_agrees(publish_lab: Lab) -> None:
+    """The in-memory data plane (destination NAT, br_netfilter's bridged
+    hairpin) gives the same answers as these real probes, from the sets the
+    controller's store implies."""
+    from controller.core.desired import machine_state, policy_state
+    from controller.core.plan import flatten
+    from controller.drivers.nft.fake import FakeDataPlane, Packet
+    from controller.policy.load import load_policy
+    from controller.store import Store
+
+    lab = publish_lab
+    policy = load_policy(lab.policy_path)
+    store = Store(lab.state_dir, readonly=True)
+    try:
+        allocs = {a.mac: a for a in store.allocations()}
+    finally:
+        store.close()
+    flat = flatten(policy_state(policy, []), [machine_state(policy, a) for a in allocs.values()])
+    assert flat.shape is not None
+    fake = FakeDataPlane(
+        flat.shape,
+        flat.sets,
+        [*flat.addresses, (topology.DOM0_WAN_IF, f"{topology.DOM0_WAN}/{topology.WAN_PREFIX}")],
+        killswitch=flat.killswitch,
+        bridge_mac=topology.BRIDGE_MAC,
+    )
+    www, pc, closed = (allocs[VMS[i]] for i in (WWW, PC, CLOSED))
+
+    def inbound(port: int) -> Packet:
+        return Packet("wg0", src=INTERNET_SOURCE, dst=TUNNEL, proto="tcp", sport=40000, dport=port)
+
+    def hairpin(a: Any) -> Packet:
+        return Packet(
+            a.port, a.mac, None, src=a.address, dst=TUNNEL, proto="tcp", sport=40000, dport=443
+        )
+
+    cases = [(inbound(443), True), (inbound(22), False), (inbound(80), False)]
+    cases += [(hairpin(pc), True), (hairpin(closed), False)]
+    real = probe(lab.wan_ns, f"{PUBLIC}:tcp/443", f"{PUBLIC}:tcp/22", f"{PUBLIC}:tcp/80")
+    real += probe(lab.vm_ns(PC), f"{TUNNEL}:tcp/443") + probe(
+        lab.vm_ns(CLOSED), f"{TUNNEL}:tcp/443"
+    )
+    for (packet, want), r in zip(cases, real, strict=True):
+        assert fake.verdict(packet).reaches(www.port) is want is r.ok, (packet, r.describe())
 
 
 def test_control_publishing_another_port_opens_it_then_the_wan(publish_lab: Lab) -> None:
