@@ -21,8 +21,8 @@ from common.toml import Checker, did_you_mean
 from controller.policy.model import INTERNET, PROTOCOLS, Domain, Grant, Ports, Rule
 from controller.policy.names import Template, template_slot
 
-_PORTS = re.compile(r"^([a-z]+)(?:/(\d{1,5})(?:-(\d{1,5}))?)?$")
-_LABEL_GLOB = re.compile(r"^[a-z0-9*?\[\]!-]{1,63}$")
+_PORTS = re.compile(r"^([a-z]+)(?:/(\d{1,5})(?:-(\d{1,5}))?)?\Z")
+_LABEL_GLOB = re.compile(r"^[a-z0-9*?\[\]!-]{1,63}\Z")
 _GLOB = re.compile(r"[*?\[]")
 MAX_ENTRIES = 256  # per list: every entry is a rule a new connection may walk
 EXPECTED_TO = (

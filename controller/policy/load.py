@@ -45,10 +45,10 @@ from controller.policy.names import (
     template_slot,
 )
 
-_IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
-_IFGLOB = re.compile(r"^[A-Za-z0-9_.:\-*?\[\]!]{1,15}$")
-_RULE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_DURATION = re.compile(r"^(\d+)([smhd])$")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}\Z")
+_IFGLOB = re.compile(r"^[A-Za-z0-9_.:\-*?\[\]!]{1,15}\Z")
+_RULE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
+_DURATION = re.compile(r"^(\d+)([smhd])\Z")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _ULA = ipaddress.IPv6Network("fc00::/7")
 

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 
 FULL = (1 << 48) - 1
-_HEX2 = re.compile(r"^[0-9a-f]{2}$")
-_GLOB_OCTET = re.compile(r"^[0-9a-f?]{2}$")
+_HEX2 = re.compile(r"^[0-9a-f]{2}\Z")
+_GLOB_OCTET = re.compile(r"^[0-9a-f?]{2}\Z")
 
 
 class MacError(ValueError):

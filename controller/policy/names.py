@@ -16,8 +16,8 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
-LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_TEMPLATE_TEXT = re.compile(r"^[a-z0-9-]*$")
+LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+_TEMPLATE_TEXT = re.compile(r"^[a-z0-9-]*\Z")
 PLACEHOLDER = "{n}"
 MAX_NAME = 253  # characters of a whole name, without the final dot (RFC 1035)
 

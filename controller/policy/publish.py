@@ -18,7 +18,7 @@ from common.toml import Checker, did_you_mean
 from controller.policy.model import PUBLISH_VIA, Domain, Host, Publish, Rule, Uplink
 from controller.policy.names import template_slot
 
-_PORT = re.compile(r"^(tcp|udp)/(\d{1,5})$")
+_PORT = re.compile(r"^(tcp|udp)/(\d{1,5})\Z")
 MAX_PUBLISH = 256
 
 

@@ -586,3 +586,17 @@ def test_bad_pins_are_one_line_each() -> None:
     )
     (garbage,) = problems(PINNED.replace('"10.10.0.50"', '"ten"'))
     assert "expected an IPv4 address in 10.10.0.0/24" in garbage
+
+
+def test_a_trailing_newline_is_not_part_of_a_valid_name() -> None:
+    """`$` in a pattern also matches before a final newline: every policy
+    pattern anchors with `\\Z`, so "web\\n" is no rule name, label or interface."""
+    from controller.policy.names import is_label
+
+    assert not is_label("web1\n") and is_label("web1")
+    bad = BASE.replace('name = "web"', 'name = "web\\n"', 1)
+    assert bad != BASE
+    assert any("rules[1].name" in p for p in problems(bad)), problems(bad)
+    bad_if = BASE.replace('name = "virbr0"', 'name = "virbr0\\n"', 1)
+    assert bad_if != BASE
+    assert any("bridge.name" in p for p in problems(bad_if)), problems(bad_if)
