@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _flush(sub)
     _lab(sub)
     _bench(sub)
+    from controller.pki.cli import register as register_ca
+
+    register_ca(sub, default_state=DEFAULT_STATE)
 
 
 def _policy(sub: argparse._SubParsersAction) -> None:

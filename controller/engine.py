@@ -26,6 +26,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
@@ -71,6 +72,7 @@ class CheckKillswitch:
 Item = inv.Event | Leases | Reload | Resync | CheckKillswitch
 KILLSWITCH_CHECK = 5.0  # seconds, at most (and at most half the resync period)
 RETRY = 1.0  # seconds between a driver's failure and the sync that retries it
+CA_CHECK = 3600.0  # seconds between the CA's expiry warnings in the log
 # A renewal's carrier stays down this long (seconds) after dnsmasq holds the
 # new reservation: a client sees the loss (and dnsmasq has read the file) before
 # it comes back; RENEW_WAIT_MAX bounds the wait for a restarting dnsmasq.
@@ -126,6 +128,7 @@ class Controller:
             nursery.start_soon(self._resync_timer, netlink)
             nursery.start_soon(self._killswitch_timer)
             nursery.start_soon(self._retry_timer)
+            nursery.start_soon(self._ca_timer)
             await nursery.start(control.serve, self.state_dir, self._handle)
             log.info(
                 "controller running: policy %s, bridge %s, state %s",
@@ -183,6 +186,22 @@ class Controller:
             self.reconciler.request_resync(repair=True)
             await netlink.resync()
             await self.send.send(Resync("periodic", repair=True))
+
+    def _ca_warnings(self) -> list[str]:
+        from controller.pki import ca
+
+        try:
+            return ca.warnings(self.reconciler.store.db, datetime.now(UTC))
+        except Exception as e:  # (a damaged CA record must not take status down)
+            return [f"the CA's records cannot be read: {e}"]
+
+    async def _ca_timer(self) -> None:
+        """The CA's warnings in the log, at start and every hour: an expiring
+        root or intermediate must be impossible to miss."""
+        while True:
+            for warning in self._ca_warnings():
+                log.warning("CA: %s", warning)
+            await trio.sleep(CA_CHECK)
 
     async def _retry_timer(self) -> None:
         """A driver that failed is tried again a second later, not at the
@@ -269,6 +288,7 @@ class Controller:
                 last_policy_error=self.last_policy_error,
                 dnsmasq_pid=self.dnsmasq.pid,
                 dnsmasq_reloads=self.dnsmasq.reloads,
+                ca_warnings=self._ca_warnings(),
             ),
             post=post,
             export=lambda name: handlers.wg_export(self.reconciler, self.state_dir, name),

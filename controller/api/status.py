@@ -15,10 +15,14 @@ def status(
     last_policy_error: str | None,
     dnsmasq_pid: int | None,
     dnsmasq_reloads: int = 0,
+    ca_warnings: list[str] | None = None,
 ) -> dict[str, Any]:
     s = rec.stats
     return {
         "ok": True,
+        # the CA's root or issuing intermediate near expiry (or gone): an
+        # expired CA would stop every agent at once, so it is said everywhere
+        "ca_warnings": list(ca_warnings or ()),
         "policy": policy,
         "bridge": rec.policy.bridge,
         "last_policy_error": last_policy_error,
@@ -53,6 +57,8 @@ def format_status(reply: dict) -> str:
         f"errors {stats.get('errors')}  refusals {stats.get('refusals', 0)}  "
         f"repairs {stats.get('repairs', 0)}"
     ]
+    for warning in reply.get("ca_warnings", []):
+        lines.append(f"WARNING: {warning}")
     if reply.get("last_policy_error"):
         lines.append(f"policy reload refused: {reply['last_policy_error']}")
     if stats.get("last_repair"):
