@@ -30,8 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _lab(sub)
     _bench(sub)
     from controller.pki.cli import register as register_ca
+    from controller.pki.cli import register_tokens
 
     register_ca(sub, default_state=DEFAULT_STATE)
+    register_tokens(sub, default_state=DEFAULT_STATE)
 
 
 def _policy(sub: argparse._SubParsersAction) -> None:

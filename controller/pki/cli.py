@@ -95,3 +95,53 @@ def register(sub: argparse._SubParsersAction, *, default_state: str) -> None:
             as_json=a.json,
         )
     )
+
+
+def register_tokens(sub: argparse._SubParsersAction, *, default_state: str) -> None:
+    """`dom0 token create|list`."""
+    p = sub.add_parser("token", help="enrollment tokens for agents: create, list")
+    tsub = p.add_subparsers(dest="token_command", metavar="ACTION", parser_class=type(p))
+    tsub.required = True
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument(
+            "--state",
+            default=default_state,
+            metavar="DIR",
+            help="the controller's state directory (default: %(default)s)",
+        )
+        q.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    create = tsub.add_parser(
+        "create", help="a single-use, expiring token for one rule's machines or one machine"
+    )
+    create.add_argument("--rule", metavar="RULE", help="for a machine of this rule")
+    create.add_argument("--machine", metavar="FQDN", help="for this machine (web1.x.internal)")
+    create.add_argument(
+        "--ttl", default="10m", help="how long it may be used (default: %(default)s)"
+    )
+    create.add_argument(
+        "--policy", metavar="FILE", help="check that the rule or machine is the policy's"
+    )
+    create.add_argument("--out", metavar="FILE", help="write it to FILE (0600) instead of stdout")
+    common(create)
+
+    def tokens() -> ModuleType:
+        from controller.pki import token_commands
+
+        return token_commands
+
+    create.set_defaults(
+        handler=lambda a: tokens().create_command(
+            a.state,
+            rule=a.rule,
+            machine=a.machine,
+            ttl=a.ttl,
+            policy_file=a.policy,
+            out=a.out,
+            as_json=a.json,
+        )
+    )
+    lst = tsub.add_parser("list", help="the tokens made, by the first 8 characters of their hash")
+    common(lst)
+    lst.set_defaults(handler=lambda a: tokens().list_command(a.state, as_json=a.json))
