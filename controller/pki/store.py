@@ -14,6 +14,7 @@ only adds a table and reads and writes it.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -105,6 +106,21 @@ def _record(row: tuple) -> CertRecord:
     )
 
 
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One transaction of ours, or a part of the caller's if one is open."""
+    if db.in_transaction:
+        yield
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 class CaStore:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -115,19 +131,8 @@ class CaStore:
                 if statement.strip():
                     self.db.execute(statement)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """One transaction of ours, or a part of the caller's if one is open."""
-        if self.db.in_transaction:
-            yield
-            return
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return transaction(self.db)
 
     def add(self, cert: x509.Certificate, kind: Kind) -> CertRecord:
         return self.add_all([(cert, kind)])[0]

@@ -17,10 +17,11 @@ import hashlib
 import re
 import secrets
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
+
+from controller.pki.store import transaction
 
 VERSION = "v1"
 _TOKEN = re.compile(r"v1-([0-9a-f]{64})-([A-Za-z0-9_-]{43})\Z")
@@ -94,18 +95,8 @@ class Tokens:
         with self._transaction():
             self.db.execute(_SCHEMA)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        if self.db.in_transaction:
-            yield
-            return
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[None]:
+        return transaction(self.db)
 
     def create(
         self, ca_fingerprint: str, scope_kind: str, scope: str, ttl: int, now: datetime

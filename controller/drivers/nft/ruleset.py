@@ -680,38 +680,10 @@ def _inet(shape: Shape) -> dict[str, Chain]:
             [counter(), DROP],
         ],
     )
-    i["machine_limits"] = (
-        # a new connection from a machine: within its share of conntrack
-        None,
-        [
-            [
-                over_count("conns", pl("ip", "saddr"), limits.connections_per_machine),
-                counter(),
-                DROP,
-            ],
-            [
-                over_rate("new_conns", pl("ip", "saddr"), limits.new_connections_per_second),
-                counter(),
-                DROP,
-            ],
-        ],
-    )
+    # a new connection from a machine: within its share of conntrack
+    i["machine_limits"] = (None, _machine_limits(limits, "ip", ""))
     if shape.ipv6:
-        i["machine_limits6"] = (
-            None,
-            [
-                [
-                    over_count("conns6", pl("ip6", "saddr"), limits.connections_per_machine),
-                    counter(),
-                    DROP,
-                ],
-                [
-                    over_rate("new_conns6", pl("ip6", "saddr"), limits.new_connections_per_second),
-                    counter(),
-                    DROP,
-                ],
-            ],
-        )
+        i["machine_limits6"] = (None, _machine_limits(limits, "ip6", "6"))
         i["from_machines6"] = (
             None,
             [
@@ -948,6 +920,19 @@ def _dnat(f: Forward, wan: str | None) -> Rule:
         match(pl("th", "dport"), f.listen),
         counter(),
         {"dnat": {"family": "ip", "addr": f.address, "port": f.port}},
+    ]
+
+
+def _machine_limits(limits: Any, family: str, suffix: str) -> list[Rule]:
+    """Per machine (by its source address): connections held, and new ones a second."""
+    source = pl(family, "saddr")
+    return [
+        [over_count(f"conns{suffix}", source, limits.connections_per_machine), counter(), DROP],
+        [
+            over_rate(f"new_conns{suffix}", source, limits.new_connections_per_second),
+            counter(),
+            DROP,
+        ],
     ]
 
 
