@@ -1,0 +1,200 @@
+"""The agents' listener: mutual TLS 1.3, then the wire protocol (common/wire.py).
+
+Per connection, in this order, and nothing is granted before all of it holds:
+
+1. The TLS handshake, within HANDSHAKE_TIMEOUT: a client that opens a
+   connection and never completes a handshake holds a task for seconds, not
+   forever. TLS 1.3 only; OpenSSL verifies a client certificate against the
+   CA's bundle (strictly: X509_STRICT), so another CA's or an expired one
+   fails the handshake itself.
+2. Who it is (`identify`, pure): a certificate is required for everything
+   but enrollment; its serial must not be revoked; it must name one machine
+   (its fqdn and slot); and that machine must be the one that holds the
+   connection's source address now (the bridge binds an address to its
+   port and MAC, so a certificate copied to another VM is refused there).
+3. The protocol: both hellos, then the agent's messages. A protocol error
+   is answered with an Error frame and the connection closed.
+
+A live connection whose certificate is revoked is closed by
+`Listener.revoked`, which the controller calls whenever the store's
+revocations change (it polls them every REVOCATION_POLL seconds: `dom0 ca
+revoke` is another process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+from cryptography import x509
+
+from common import wire
+from controller.pki import issue
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 5.0  # seconds for the TLS handshake and both hellos
+IDLE_TIMEOUT = 90.0  # seconds without a frame (agents send a heartbeat every 30 s)
+REVOCATION_POLL = 2.0  # seconds between looks at the store's revocations
+READ_SIZE = 65536
+
+
+class Refused(Exception):
+    """Why a connection gets nothing: one line, said to the peer and logged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    fqdn: str
+    slot: str  # the slot URI (dom0:slot/RULE/N)
+    serial: str
+    source: str
+
+
+# What the controller knows of a source address: the (fqdn, slot URI) of the
+# machine that holds it on the bridge now, or None.
+Holder = Callable[[str], tuple[str, str] | None]
+
+
+def server_context(bundle: Path, server_pem: Path) -> ssl.SSLContext:
+    """TLS 1.3 only; a client certificate is verified when one is sent (the
+    check that one *was* sent is `identify`'s: enrollment has none yet)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    ctx.load_verify_locations(cafile=str(bundle))
+    ctx.load_cert_chain(str(server_pem))
+    return ctx
+
+
+def identify(der: bytes | None, source: str, revoked: Collection[str], holder: Holder) -> Peer:
+    """The peer of a completed handshake (its certificate already verified
+    by OpenSSL), or Refused."""
+    if der is None:
+        raise Refused("no client certificate: a machine without one may only enroll")
+    cert = x509.load_der_x509_certificate(der)
+    serial = issue.serial_hex(cert.serial_number)
+    if serial in revoked:
+        raise Refused(f"certificate {serial} is revoked")
+    try:
+        who = issue.agent_identity(cert)
+    except issue.PkiError as e:
+        raise Refused(f"certificate {serial}: {e}") from None
+    slot = issue.slot_uri(who.slot.rule, who.slot.number)
+    held = holder(source)
+    if held is None:
+        raise Refused(f"certificate of {who.fqdn} from {source}, which no machine holds")
+    if held != (who.fqdn, slot):
+        raise Refused(f"certificate of {who.fqdn} from {source}, which {held[0]} holds")
+    return Peer(who.fqdn, slot, serial, source)
+
+
+@dataclass
+class Listener:
+    """The live agent connections, by certificate serial."""
+
+    context: ssl.SSLContext
+    holder: Holder
+    revocations: Callable[[], Collection[str]]
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
+    live: dict[str, tuple[Peer, trio.CancelScope]] = field(default_factory=dict)
+    refusals: int = 0
+
+    def revoked(self, serials: Collection[str]) -> int:
+        """Close every live connection whose certificate is now revoked."""
+        closed = 0
+        for serial in set(self.live) & set(serials):
+            peer, scope = self.live.pop(serial)
+            scope.cancel()
+            log.warning("agent %s: certificate %s revoked, connection closed", peer.fqdn, serial)
+            closed += 1
+        return closed
+
+    async def handle(self, raw: trio.abc.Stream, source: str) -> None:
+        """One connection, start to end; it is closed when this returns."""
+        stream = trio.SSLStream(raw, self.context, server_side=True)
+        try:
+            await self._handle(stream, source)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handle(self, stream: trio.SSLStream, source: str) -> None:
+        conn = wire.Connection("controller")
+        with trio.move_on_after(self.handshake_timeout) as limit:
+            try:
+                await stream.do_handshake()
+            except (trio.BrokenResourceError, ssl.SSLError) as e:
+                self.refusals += 1
+                log.info("agent connection from %s: TLS handshake failed: %s", source, e)
+                return
+        if limit.cancelled_caught:
+            self.refusals += 1
+            log.info("agent connection from %s: no TLS handshake within %gs", source,
+                     self.handshake_timeout)  # fmt: skip
+            return
+        try:
+            peer = identify(
+                stream.getpeercert(binary_form=True), source, self.revocations(), self.holder
+            )
+        except Refused as e:
+            self.refusals += 1
+            log.warning("agent connection from %s refused: %s", source, e)
+            await _say(stream, wire.encode_frame(wire.Error(reason=str(e))))
+            return
+        with trio.CancelScope() as scope:
+            self.live[peer.serial] = (peer, scope)
+            try:
+                await self._converse(stream, conn, peer)
+            finally:
+                self.live.pop(peer.serial, None)
+
+    async def _converse(self, stream: trio.SSLStream, conn: wire.Connection, peer: Peer) -> None:
+        await stream.send_all(conn.send(wire.Hello(version=wire.PROTOCOL_VERSION,
+                                                   role="controller", agent=peer.fqdn)))  # fmt: skip
+        while True:
+            with trio.move_on_after(self.idle_timeout) as idle:
+                try:
+                    data = bytes(await stream.receive_some(READ_SIZE))
+                except (trio.BrokenResourceError, ssl.SSLError):
+                    return
+            if idle.cancelled_caught:
+                log.info("agent %s: silent for %gs, closed", peer.fqdn, self.idle_timeout)
+                return
+            try:
+                conn.receive_data(data)
+                while True:
+                    event = conn.next_event()
+                    if event is wire.NEED_DATA or event is wire.CLOSED:
+                        break
+                    reply = self._answer(event, peer)
+                    if reply is not None:
+                        await stream.send_all(conn.send(reply))
+            except wire.ProtocolError as e:
+                log.warning("agent %s: protocol error: %s", peer.fqdn, e)
+                await _say(stream, conn.error_frame())
+                return
+            if conn.state in (wire.State.CLOSED, wire.State.ERROR) or not data:
+                return
+
+    def _answer(self, event: wire.Message, peer: Peer) -> wire.Message | None:
+        if isinstance(event, wire.Heartbeat):
+            return wire.Heartbeat(seq=event.seq)
+        if isinstance(event, wire.Hello):
+            log.info("agent %s (%s) connected from %s", peer.fqdn, peer.slot, peer.source)
+        return None
+
+
+async def _say(stream: trio.SSLStream, frame: bytes) -> None:
+    """A last frame before closing, if the peer still listens."""
+    if not frame:
+        return
+    with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, ssl.SSLError):
+        await stream.send_all(frame)

@@ -1,0 +1,236 @@
+"""The agents' listener over real TLS (OpenSSL through trio's SSLStream, on an
+in-memory transport): who gets a conversation, and who gets nothing.
+
+Refused, each with nothing granted: no client certificate; a certificate of
+another CA; an expired one; a revoked one (and a live connection closed when
+its certificate is revoked); a valid certificate from another machine's
+address; a TLS 1.2 client; a client that never completes its handshake. The
+control: the right certificate from its own machine's address gets the
+controller's hello and an answer to its heartbeat.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from common import wire
+from controller.pki import ca, issue
+from controller.sources.agents import Listener, Refused, identify, server_context
+from controller.store import Store
+
+SERVER_NAME = "dom0.internal"
+WEB1 = ("web1.x.internal", "dom0:slot/odd/1")
+ADDRESSES = {"10.10.0.5": WEB1, "10.10.0.6": ("web2.x.internal", "dom0:slot/odd/2")}
+
+
+class Site:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.now = datetime.now(UTC)
+        self.store = Store(root / "state")
+        past = self.now - timedelta(days=3)
+        self.ca = ca.init(root / "state", self.store.db, "internal", past)
+        self.ca.issue_server([SERVER_NAME], [], past, days=30)
+        self.bundle = self.ca.write_bundle(self.now)
+        self.server_pem = root / "state" / "ca" / "server.pem"
+
+    def agent(self, name: str, fqdn: str, slot: str, *, when: datetime | None = None,
+              hours: float = 24, authority: ca.CertificateAuthority | None = None) -> tuple[Path, str]:  # fmt: skip
+        """An agent's key and certificate chain in one file, and its serial."""
+        key = issue.new_key()
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "anything")]))
+            .sign(key, hashes.SHA256())
+            .public_bytes(serialization.Encoding.PEM)
+        )
+        issued = (authority or self.ca).issue_agent(csr, fqdn, slot, when or self.now, hours)
+        path = self.root / f"{name}.pem"
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            + issued.chain_pem
+        )
+        return path, issued.serial
+
+    def client(self, cert: Path | None, *, tls12: bool = False) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.bundle))
+        if tls12:
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        if cert is not None:
+            ctx.load_cert_chain(str(cert))
+        return ctx
+
+    def listener(self) -> Listener:
+        return Listener(
+            server_context(self.bundle, self.server_pem),
+            ADDRESSES.get,
+            lambda: self.store_revoked(),
+        )
+
+    def store_revoked(self) -> set[str]:
+        return self.ca.revoked()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return Site(tmp_path)
+
+
+async def conversation(
+    listener: Listener, ctx: ssl.SSLContext, source: str, client: Callable | None = None
+) -> list[object]:
+    """Run the listener on one end of an in-memory link and a TLS client on
+    the other; the events the client saw (or the exception it got)."""
+    server_end, client_end = trio.testing.memory_stream_pair()
+    seen: list[object] = []
+
+    async def default(stream: trio.SSLStream, conn: wire.Connection) -> None:
+        await stream.send_all(
+            conn.send(wire.Hello(version=wire.PROTOCOL_VERSION, role="agent", agent=None))
+        )
+        sent = False
+        while len([e for e in seen if isinstance(e, wire.Heartbeat)]) < 1:
+            data = bytes(await stream.receive_some(65536))
+            conn.receive_data(data)
+            while (e := conn.next_event()) not in (wire.NEED_DATA, wire.CLOSED):
+                seen.append(e)
+            if not data:
+                return
+            if not sent and any(isinstance(e, wire.Hello) for e in seen):
+                await stream.send_all(conn.send(wire.Heartbeat(seq=7)))  # (after both hellos)
+                sent = True
+
+    async def run_client() -> None:
+        stream = trio.SSLStream(client_end, ctx, server_hostname=SERVER_NAME)
+        conn = wire.Connection("agent")
+        try:
+            await stream.do_handshake()
+            await (client or default)(stream, conn)
+        except (ssl.SSLError, trio.BrokenResourceError, wire.ProtocolError) as e:
+            seen.append(e)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(listener.handle, server_end, source)
+        with trio.fail_after(30):
+            await run_client()
+        nursery.cancel_scope.cancel()
+    return seen
+
+
+async def refusal_frame(listener: Listener, ctx: ssl.SSLContext, source: str) -> list[object]:
+    async def read_all(stream: trio.SSLStream, conn: wire.Connection) -> None:
+        # the refusal is an Error before any hello: read it as raw frames
+        buf = b""
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                break
+            if not data:
+                break
+            buf += data
+        seen.append(wire.decode_body(buf[wire.HEADER :]) if buf else None)
+
+    seen: list[object] = []
+    await conversation(listener, ctx, source, read_all)
+    return seen
+
+
+async def test_the_right_certificate_from_its_machine_is_answered(site: Site) -> None:
+    cert, _ = site.agent("web1", *WEB1)
+    seen = await conversation(site.listener(), site.client(cert), "10.10.0.5")
+    assert [type(e) for e in seen] == [wire.Hello, wire.Heartbeat], seen
+    assert seen[0].agent == WEB1[0] and seen[1].seq == 7  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("case", ["no certificate", "from another address", "revoked"])
+async def test_refused_after_the_handshake_with_a_reason(site: Site, case: str) -> None:
+    cert, serial = site.agent("web1", *WEB1)
+    source = "10.10.0.6" if case == "from another address" else "10.10.0.5"
+    if case == "revoked":
+        site.ca.revoke(serial, "test", site.now)
+    listener = site.listener()
+    seen = await refusal_frame(
+        listener, site.client(None if case == "no certificate" else cert), source
+    )
+    assert len(seen) == 1 and isinstance(seen[0], wire.Error), seen
+    says = {"no certificate": "no client certificate", "from another address": "which web2.x.internal holds",
+            "revoked": "is revoked"}[case]  # fmt: skip
+    assert says in seen[0].reason and listener.refusals == 1 and not listener.live
+
+
+async def test_refused_in_the_handshake(site: Site, tmp_path: Path) -> None:
+    other = Site(tmp_path / "other")
+    foreign, _ = other.agent("foreign", *WEB1)
+    expired, _ = site.agent("old", *WEB1, when=site.now - timedelta(days=2), hours=1)
+    cert, _ = site.agent("web1", *WEB1)
+    for ctx in (site.client(foreign), site.client(expired), site.client(cert, tls12=True)):
+        listener = site.listener()
+        seen = await conversation(listener, ctx, "10.10.0.5")
+        # (in TLS 1.3 the client's side of the handshake may complete before the
+        # server has judged its certificate: it then reads an alert or the end)
+        assert not [e for e in seen if isinstance(e, wire.Hello | wire.Heartbeat)], seen
+        assert listener.refusals == 1 and not listener.live
+
+
+async def test_a_client_that_never_handshakes_is_dropped(
+    site: Site, autojump_clock: object
+) -> None:
+    listener = site.listener()
+    server_end, _client_end = trio.testing.memory_stream_pair()
+    with trio.fail_after(listener.handshake_timeout + 1):
+        await listener.handle(server_end, "10.10.0.5")  # returns: it gave up
+    assert listener.refusals == 1
+
+
+async def test_a_live_connection_is_closed_when_its_certificate_is_revoked(site: Site) -> None:
+    cert, serial = site.agent("web1", *WEB1)
+    listener = site.listener()
+    closed: list[object] = []
+
+    async def stay(stream: trio.SSLStream, conn: wire.Connection) -> None:
+        await stream.send_all(
+            conn.send(wire.Hello(version=wire.PROTOCOL_VERSION, role="agent", agent=None))
+        )
+        while serial not in listener.live:
+            await trio.lowlevel.checkpoint()
+        site.ca.revoke(serial, "stolen", site.now)
+        assert listener.revoked(site.ca.revoked()) == 1
+        while True:  # the controller's hello, then the end
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                closed.append("eof")
+                return
+
+    await conversation(listener, site.client(cert), "10.10.0.5", stay)
+    assert closed == ["eof"] and not listener.live
+
+
+def test_identify_is_pure_and_names_what_is_wrong(site: Site) -> None:
+    with pytest.raises(Refused, match="no client certificate"):
+        identify(None, "10.10.0.5", set(), ADDRESSES.get)
+    cert, _ = site.agent("web1", *WEB1)
+    pem = cert.read_bytes()
+    first = pem[pem.index(b"-----BEGIN CERTIFICATE-----") :]
+    der = x509.load_pem_x509_certificate(first).public_bytes(serialization.Encoding.DER)
+    assert identify(der, "10.10.0.5", set(), ADDRESSES.get).fqdn == WEB1[0]
+    with pytest.raises(Refused, match="which no machine holds"):
+        identify(der, "10.10.0.99", set(), ADDRESSES.get)
