@@ -103,6 +103,8 @@ class Listener:
     context: ssl.SSLContext
     holder: Holder
     revocations: Callable[[], Collection[str]]
+    # an agent without a certificate, its Enroll from an address (Refused: why not)
+    enroll: Callable[[wire.Enroll, str], wire.Enrolled] | None = None
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     idle_timeout: float = IDLE_TIMEOUT
     live: dict[str, tuple[Peer, trio.CancelScope]] = field(default_factory=dict)
@@ -140,10 +142,12 @@ class Listener:
             log.info("agent connection from %s: no TLS handshake within %gs", source,
                      self.handshake_timeout)  # fmt: skip
             return
+        der = stream.getpeercert(binary_form=True)
+        if der is None and self.enroll is not None:
+            await self._enrollment(stream, conn, source)
+            return
         try:
-            peer = identify(
-                stream.getpeercert(binary_form=True), source, self.revocations(), self.holder
-            )
+            peer = identify(der, source, self.revocations(), self.holder)
         except Refused as e:
             self.refusals += 1
             log.warning("agent connection from %s refused: %s", source, e)
@@ -182,6 +186,46 @@ class Listener:
                 await _say(stream, conn.error_frame())
                 return
             if conn.state in (wire.State.CLOSED, wire.State.ERROR) or not data:
+                return
+
+    async def _enrollment(self, stream: trio.SSLStream, conn: wire.Connection, source: str) -> None:
+        """Hellos, one Enroll, its answer, the end: the agent comes back with
+        its certificate. Anything else, or a refusal, is an Error."""
+        assert self.enroll is not None
+        hello = wire.Hello(version=wire.PROTOCOL_VERSION, role="controller", agent=None)
+        with trio.move_on_after(self.handshake_timeout):
+            try:
+                await stream.send_all(conn.send(hello))
+                while True:
+                    data = bytes(await stream.receive_some(READ_SIZE))
+                    conn.receive_data(data)
+                    event = conn.next_event()
+                    while event is not wire.NEED_DATA and event is not wire.CLOSED:
+                        if isinstance(event, wire.Enroll):
+                            try:
+                                answer = self.enroll(event, source)
+                            except Refused as e:
+                                self.refusals += 1
+                                log.warning("agent connection from %s refused: %s", source, e)
+                                await _say(stream, conn.send(wire.Error(reason=str(e))))
+                                return
+                            await stream.send_all(conn.send(answer))
+                            log.info("agent at %s enrolled", source)
+                            return
+                        if not isinstance(event, wire.Hello):
+                            raise wire.ProtocolError(
+                                f"{type(event).TYPE} without a certificate: only enroll is possible"
+                            )
+                        event = conn.next_event()
+                    if not data or event is wire.CLOSED:
+                        return
+            except wire.ProtocolError as e:
+                self.refusals += 1
+                log.warning("agent connection from %s: protocol error: %s", source, e)
+                await _say(
+                    stream, conn.error_frame() or wire.encode_frame(wire.Error(reason=str(e)))
+                )
+            except (trio.BrokenResourceError, ssl.SSLError):
                 return
 
     def _answer(self, event: wire.Message, peer: Peer) -> wire.Message | None:

@@ -234,3 +234,103 @@ def test_identify_is_pure_and_names_what_is_wrong(site: Site) -> None:
     assert identify(der, "10.10.0.5", set(), ADDRESSES.get).fqdn == WEB1[0]
     with pytest.raises(Refused, match="which no machine holds"):
         identify(der, "10.10.0.99", set(), ADDRESSES.get)
+
+
+# ---- enrollment: no certificate yet, a token ----------------------------------------------
+
+
+def enrollment_listener(site: Site) -> tuple[Listener, list[tuple[str, str]]]:
+    from controller.pki.enroll import Enrollment
+    from controller.pki.tokens import Tokens
+
+    keys: list[tuple[str, str]] = []
+    site.tokens = Tokens(site.store.db)  # type: ignore[attr-defined]
+    site.tokens.ensure_schema()  # type: ignore[attr-defined]
+    listener = site.listener()
+    listener.enroll = Enrollment(
+        site.ca, site.tokens, ADDRESSES.get, lambda: datetime.now(UTC),  # type: ignore[attr-defined]
+        lambda fqdn, key: keys.append((fqdn, key)),
+    )  # fmt: skip
+    return listener, keys
+
+
+def csr_pem() -> str:
+    key = issue.new_key()
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "admin.x.internal")]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+
+
+WG_KEY = "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY="  # 32 bytes, base64
+
+
+def enroll_with(token: str, first: wire.Message | None = None) -> Callable:
+    async def client(stream: trio.SSLStream, conn: wire.Connection) -> None:
+        await stream.send_all(
+            conn.send(wire.Hello(version=wire.PROTOCOL_VERSION, role="agent", agent=None))
+        )
+        sent = False
+        while True:
+            try:
+                data = bytes(await stream.receive_some(65536))
+            except trio.BrokenResourceError:
+                return
+            conn.receive_data(data)
+            while (e := conn.next_event()) not in (wire.NEED_DATA, wire.CLOSED):
+                client.seen.append(e)  # type: ignore[attr-defined]
+            if not data or conn.state is wire.State.CLOSED:
+                return
+            if not sent and any(isinstance(e, wire.Hello) for e in client.seen):  # type: ignore[attr-defined]
+                msg = first or wire.Enroll(token=token, csr_pem=csr_pem(), wg_public_key=WG_KEY)
+                await stream.send_all(conn.send(msg))
+                sent = True
+
+    client.seen = []  # type: ignore[attr-defined]
+    return client
+
+
+async def test_an_agent_enrolls_with_its_token_as_its_machine(site: Site) -> None:
+    listener, keys = enrollment_listener(site)
+    fp = issue.fingerprint(site.ca.root)
+    token = site.tokens.create(fp, "rule", "odd", 600, site.now)  # type: ignore[attr-defined]
+    client = enroll_with(token)
+    await conversation(listener, site.client(None), "10.10.0.5", client)
+    got = [e for e in client.seen if isinstance(e, wire.Enrolled)]  # type: ignore[attr-defined]
+    assert len(got) == 1 and got[0].ca_fingerprint == fp, client.seen  # type: ignore[attr-defined]
+    cert = x509.load_pem_x509_certificate(got[0].certificate_pem.encode())
+    who = issue.agent_identity(cert)
+    assert (who.fqdn, issue.slot_uri(who.slot.rule, who.slot.number)) == WEB1  # not what it asked
+    assert keys == [(WEB1[0], WG_KEY)]
+    # the same token again: refused, with its reason, nothing issued
+    again = enroll_with(token)
+    await conversation(listener, site.client(None), "10.10.0.6", again)
+    errors = [e for e in again.seen if isinstance(e, wire.Error)]  # type: ignore[attr-defined]
+    assert errors and "already used" in errors[0].reason and keys == [(WEB1[0], WG_KEY)]
+
+
+@pytest.mark.parametrize("case", ["another rule", "forged", "expired", "not an enroll"])
+async def test_enrollment_refused(site: Site, case: str) -> None:
+    listener, keys = enrollment_listener(site)
+    fp = issue.fingerprint(site.ca.root)
+    tokens = site.tokens  # type: ignore[attr-defined]
+    if case == "another rule":
+        token = tokens.create(fp, "rule", "even", 600, site.now)
+    elif case == "expired":
+        token = tokens.create(fp, "rule", "odd", 60, site.now - timedelta(minutes=5))
+    else:
+        token = tokens.create(fp, "rule", "odd", 600, site.now)
+        if case == "forged":
+            token = token[:-43] + "B" * 43
+    first = wire.Status(version_applied=None, report={}) if case == "not an enroll" else None
+    client = enroll_with(token, first)
+    await conversation(listener, site.client(None), "10.10.0.5", client)
+    errors = [e for e in client.seen if isinstance(e, wire.Error)]  # type: ignore[attr-defined]
+    says = {"another rule": "for rule even", "forged": "unknown", "expired": "expired",
+            "not an enroll": "only enroll"}[case]  # fmt: skip
+    assert errors and says in errors[0].reason, client.seen  # type: ignore[attr-defined]
+    assert not [e for e in client.seen if isinstance(e, wire.Enrolled)]  # type: ignore[attr-defined]
+    assert keys == [] and listener.refusals == 1
