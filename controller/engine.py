@@ -109,6 +109,7 @@ class Controller:
             bridge_netfilter=bridge_netfilter,
         )
         self.last_policy_error: str | None = None
+        self.agent_listener: object | None = None  # (once dom0 has a CA)
         self.send, self.recv = trio.open_memory_channel[Item](10_000)
 
     # -- tasks -------------------------------------------------------------------
@@ -129,6 +130,7 @@ class Controller:
             nursery.start_soon(self._killswitch_timer)
             nursery.start_soon(self._retry_timer)
             nursery.start_soon(self._ca_timer)
+            nursery.start_soon(self._agents)
             await nursery.start(control.serve, self.state_dir, self._handle)
             log.info(
                 "controller running: policy %s, bridge %s, state %s",
@@ -202,6 +204,79 @@ class Controller:
             for warning in self._ca_warnings():
                 log.warning("CA: %s", warning)
             await trio.sleep(CA_CHECK)
+
+    async def _agents(self) -> None:
+        """The agents' listener (controller/sources/agents.py) on the gateway
+        of every domain whose services include `enroll`, once dom0 has a CA."""
+        from controller.pki import ca
+        from controller.pki.enroll import Enrollment
+        from controller.pki.tokens import Tokens
+        from controller.sources.agents import REVOCATION_POLL, Listener, server_context
+
+        rec = self.reconciler
+        db = rec.store.db
+        if not ca.exists(self.state_dir, db):
+            log.info("agents: no CA in %s (dom0 ca init): no agent listener", self.state_dir)
+            return
+        try:
+            authority = ca.load(self.state_dir, db)
+            now = datetime.now(UTC)
+            gateways = [
+                str(d.gateway)
+                for d in rec.policy.domains.values()
+                if "enroll" in d.services and not d.hub
+            ]
+            server = authority.issue_server([f"dom0.{rec.policy.tld}"], gateways, now)
+            bundle = authority.write_bundle(now)
+            tokens = Tokens(db)
+            tokens.ensure_schema()
+        except Exception as e:  # (the network is not the CA's to stop)
+            log.error("agents: the CA cannot be used: %s", e)
+            return
+        log.info("agents: server certificate serial %s", server.serial)
+        listener = Listener(
+            server_context(bundle, authority.dir / ca.SERVER_PEM),
+            rec.holder,
+            authority.revoked,
+            enroll=Enrollment(
+                authority,
+                tokens,
+                rec.holder,
+                lambda: datetime.now(UTC),
+                lambda fqdn, _key: log.info("agents: %s enrolled (its WireGuard key noted)", fqdn),
+            ),
+        )
+        self.agent_listener = listener
+
+        async def one(stream: trio.SocketStream) -> None:
+            try:
+                source = str(stream.socket.getpeername()[0])
+                await listener.handle(stream, source)
+            except Exception:  # a tenant's connection never takes the controller down
+                log.exception("agents: a connection failed")
+
+        async def revocations() -> None:
+            while True:
+                await trio.sleep(REVOCATION_POLL)
+                listener.revoked(authority.revoked())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(revocations)
+            for gateway in gateways:
+                nursery.start_soon(self._serve_agents, gateway, one)
+
+    async def _serve_agents(self, gateway: str, handler: Callable) -> None:
+        """Listen on one gateway as soon as dom0 holds it (the first sync adds it)."""
+        from controller.sources.agents import AGENT_PORT
+
+        while True:
+            try:
+                listeners = await trio.open_tcp_listeners(AGENT_PORT, host=gateway)
+            except OSError:
+                await trio.sleep(1.0)
+                continue
+            log.info("agents: listening on %s:%d", gateway, AGENT_PORT)
+            await trio.serve_listeners(handler, listeners)
 
     async def _retry_timer(self) -> None:
         """A driver that failed is tried again a second later, not at the

@@ -535,6 +535,21 @@ class Reconciler:
         return True
 
     # -- reporting -------------------------------------------------------------
+    def holder(self, source: str) -> tuple[str, str] | None:
+        """(fqdn, slot URI) of the admitted machine that holds this domain
+        address now (what an agent's certificate must name), or None."""
+        from controller.pki.issue import slot_uri
+
+        for space, table in self.ledger.addresses.items():
+            mac = table.get(source)
+            if space == QUARANTINE or mac is None:
+                continue
+            a = self.ledger.by_mac[mac]
+            if a.absent_since is not None or a.rule == QUARANTINE or mac not in self.applied:
+                return None
+            return fqdn_of(self.policy, a), slot_uri(a.rule, a.slot)
+        return None
+
     def find(self, name: str) -> Allocation | None:
         """A machine by MAC, full name, or label when that is unambiguous."""
         wanted = name.strip().lower().rstrip(".")

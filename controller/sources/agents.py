@@ -38,6 +38,7 @@ from controller.pki import issue
 
 log = logging.getLogger(__name__)
 
+AGENT_PORT = 8443  # the `enroll` service's port (policy/model.py SERVICES) on a domain's gateway
 HANDSHAKE_TIMEOUT = 5.0  # seconds for the TLS handshake and both hellos
 IDLE_TIMEOUT = 90.0  # seconds without a frame (agents send a heartbeat every 30 s)
 REVOCATION_POLL = 2.0  # seconds between looks at the store's revocations
