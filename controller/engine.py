@@ -189,6 +189,16 @@ class Controller:
             await netlink.resync()
             await self.send.send(Resync("periodic", repair=True))
 
+    def _agents_connected(self) -> list[dict[str, str]]:
+        from controller.sources.agents import Listener
+
+        if not isinstance(self.agent_listener, Listener):
+            return []
+        return [
+            {"name": p.fqdn, "slot": p.slot, "serial": p.serial, "source": p.source}
+            for p, _scope in self.agent_listener.live.values()
+        ]
+
     def _ca_warnings(self) -> list[str]:
         from controller.pki import ca
 
@@ -364,6 +374,7 @@ class Controller:
                 dnsmasq_pid=self.dnsmasq.pid,
                 dnsmasq_reloads=self.dnsmasq.reloads,
                 ca_warnings=self._ca_warnings(),
+                agents=self._agents_connected(),
             ),
             post=post,
             export=lambda name: handlers.wg_export(self.reconciler, self.state_dir, name),
