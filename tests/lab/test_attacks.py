@@ -854,17 +854,26 @@ def fdb_port_of(lab: Lab, mac: str) -> str | None:
 def fdb_moves(lab: Lab, mac: str) -> Iterator[list[str]]:
     """Every port the bridge announces `mac` on while the block runs
     (`bridge monitor fdb` in dom0: a move is seen even if the guest's next
-    frame moves the entry straight back). Ready once it has printed the
-    monitor of a canary entry."""
+    frame moves the entry straight back). Ready once it has printed a canary
+    entry: added again until it does, since the monitor may subscribe to
+    netlink only after the first addition (which it then never sees)."""
     log = lab.logs_dir / f"fdb-monitor-{secrets.token_hex(3)}.txt"
     argv = netns.exec_argv(lab.dom0_ns, ["bridge", "monitor", "fdb"])
     _, proc = processes.spawn(argv, log=log)
     seen: list[str] = []
     try:
         canary = "02:00:5e:" + ":".join(secrets.token_hex(1) for _ in range(3))
-        netns.run(lab.dom0_ns, ["bridge", "fdb", "add", canary, "dev", "vnet2", "master", "static"])
-        wait_for(lambda: canary in log.read_text(errors="replace"), what="the FDB monitor")
-        netns.run(lab.dom0_ns, ["bridge", "fdb", "del", canary, "dev", "vnet2", "master"])
+        entry = [canary, "dev", "vnet2", "master"]
+
+        def monitor_saw_it() -> bool:
+            if canary in log.read_text(errors="replace"):
+                return True
+            netns.run(lab.dom0_ns, ["bridge", "fdb", "del", *entry], check=False)
+            netns.run(lab.dom0_ns, ["bridge", "fdb", "add", *entry, "static"])
+            return False
+
+        wait_for(monitor_saw_it, what="the FDB monitor")
+        netns.run(lab.dom0_ns, ["bridge", "fdb", "del", *entry])
         yield seen
     finally:
         processes.stop([proc])
