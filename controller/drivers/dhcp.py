@@ -156,6 +156,7 @@ class HostsDir:
         # file name -> (inode, mtime_ns, host): a file unchanged since it was
         # last read or written is not read again (10,000 of them at a resync)
         self._known: dict[str, tuple[int, int, DhcpHost | None]] = {}
+        self._known6: dict[str, tuple[int, int, tuple[str, str] | None]] = {}  # MAC.v6 files
         self.burnt_path = self.root / "burnt"
         self.burnt: set[str] = self._load_burnt()
         # called when a reservation was written that the running dnsmasq
@@ -202,12 +203,21 @@ class HostsDir:
             for e in entries:
                 seen.add(e.name)
                 if _V6_FILE.match(e.name):
-                    text = Path(e.path).read_text(errors="replace") if e.is_file() else ""
-                    pair = parse_host6_line(text)
-                    if pair is not None and _host_file(pair[0]) + V6 == e.name:
+                    st6 = e.stat(follow_symlinks=False)
+                    cached = self._known6.get(e.name)
+                    if cached is not None and cached[:2] == (st6.st_ino, st6.st_mtime_ns):
+                        pair = cached[2]
+                    else:  # (read again only when it changed, as the IPv4 files)
+                        text = Path(e.path).read_text(errors="replace") if e.is_file() else ""
+                        pair = parse_host6_line(text)
+                        if pair is not None and _host_file(pair[0]) + V6 != e.name:
+                            pair = None
+                        if pair is None and text and not self.readonly:
+                            self._replace(e.name, "")  # (no entry: see write())
+                            st6 = (self.dir / e.name).stat()
+                        self._known6[e.name] = (st6.st_ino, st6.st_mtime_ns, pair)
+                    if pair is not None:
                         six[pair[0]] = pair[1]
-                    elif text and not self.readonly:
-                        self._replace(e.name, "")  # (no entry: see write())
                     continue
                 st = e.stat(follow_symlinks=False)
                 known = self._known.get(e.name)
@@ -230,6 +240,8 @@ class HostsDir:
                 self._remember(e.name, None)
         for name in set(self._known) - seen:
             del self._known[name]
+        for name in set(self._known6) - seen:
+            del self._known6[name]
         return {
             mac: dataclasses.replace(h, address6=six.get(mac)) if h.address6 != six.get(mac) else h
             for mac, h in out.items()

@@ -225,3 +225,28 @@ def test_nd_options_must_name_the_ports_machine() -> None:
     assert not f.verdict(ns(VM1.mac, option=14)).delivered  # a first option that is not its address
     with pytest.raises(NotModelled):  # its own: past the bridge, to dom0
         f.verdict(ns(VM1.mac))
+
+
+def test_unchanged_v6_files_are_not_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resync reads a machine's MAC.v6 file again only when it changed."""
+    p = policy()
+    host = machine_state(p, VM1).dhcp
+    assert host is not None
+    d = HostsDir(tmp_path)
+    d.write({host.mac: host}, set())
+    assert d.read()[host.mac].address6 == host.address6
+    reads: list[str] = []
+    real = Path.read_text
+
+    def counting(self: Path, *a: object, **kw: object) -> str:
+        reads.append(self.name)
+        return real(self, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    assert d.read()[host.mac].address6 == host.address6
+    assert not [r for r in reads if r.endswith(".v6")], reads
+    v6 = d.dir / "52-54-00-d0-00-01.v6"
+    v6.write_text(host.line6().replace(str(host.address6), "fd00::99"))
+    assert d.read()[host.mac].address6 == "fd00::99"
