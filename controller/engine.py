@@ -31,6 +31,7 @@ from pathlib import Path
 
 import trio
 
+from common.wireguard import WireGuard, detect
 from controller import control
 from controller.api import handlers, status
 from controller.core import inventory as inv
@@ -40,7 +41,6 @@ from controller.drivers.carrier import Carrier, CarrierError
 from controller.drivers.dhcp import Dnsmasq
 from controller.drivers.nft import Nft
 from controller.drivers.tunnels import Tunnels
-from controller.drivers.wireguard import WireGuard, detect
 from controller.policy.load import PolicyError, load_or_report, load_policy
 from controller.policy.model import Policy
 from controller.reconcile import Reconciler

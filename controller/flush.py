@@ -148,8 +148,8 @@ def _wireguard_go(state: Path, kept: list[str]) -> list[tuple[str, ProcessRecord
 def _kernel_wireguard(policy: Policy, state: Path, kept: list[str]) -> list[str]:
     """The policy's uplink and hub devices, when they are kernel WireGuard
     devices holding dom0's own keys."""
+    from common.wireguard import WireGuardError, kernel, keys
     from controller.drivers.tunnels import key_path
-    from controller.drivers.wireguard import WireGuardError, kernel, keys
 
     wanted = [(u.interface, u.private_key_file) for u in [policy.uplink] if u is not None]
     wanted += [(h.interface, h.private_key_file) for h in [policy.hub] if h is not None]
@@ -213,11 +213,11 @@ def observe(policy: Policy, state: Path) -> Holdings:
 
 def _executor(state: Path) -> Callable[[Step], None]:
     """One function that carries out a step (each its driver's operation)."""
+    from common.wireguard.userspace import UserspaceWireGuard
     from controller.drivers.addresses import Addresses
     from controller.drivers.dhcp import record_path
     from controller.drivers.nft import Nft
     from controller.drivers.tunnels import delete_route, delete_rule
-    from controller.drivers.wireguard.userspace import UserspaceWireGuard
 
     addresses = Addresses()
     nft = Nft()
@@ -231,7 +231,7 @@ def _executor(state: Path) -> Callable[[Step], None]:
         elif step.kind == "wireguard-go":
             UserspaceWireGuard(state / "wireguard").remove(step.target)
         elif step.kind == "wireguard":
-            from controller.drivers.wireguard import kernel
+            from common.wireguard import kernel
 
             kernel.KernelWireGuard().remove(step.target)
         elif step.kind == "rule":

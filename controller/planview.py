@@ -43,11 +43,11 @@ async def _snapshot() -> inv.Tables:
 def _dataplane(state: Path) -> DataPlane:
     """The drivers, for looking only: nothing here writes a file, a key, a
     table or an address."""
+    from common.wireguard import WireGuard, detect
     from controller.drivers.addresses import Addresses
     from controller.drivers.dhcp import Dnsmasq
     from controller.drivers.nft import Nft
     from controller.drivers.tunnels import Tunnels
-    from controller.drivers.wireguard import WireGuard, detect
 
     addresses = Addresses()
     found: list[WireGuard] = []

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.wireguard import keys
 from controller import wgexport
 from controller.core.desired import fqdn_of
 from controller.drivers.machine_keys import key_path
-from controller.drivers.wireguard import keys
 from controller.reconcile import Reconciler
 
 log = logging.getLogger("dom0")

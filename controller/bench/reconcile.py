@@ -181,10 +181,10 @@ def _check_admitted(rec: Reconciler, mac: str, state: Path, hub: bool) -> None:
 
 
 def measure(variant: str, size: int, runs: int, rebuilds: int, work: Path) -> dict:
+    from common.wireguard import detect
     from controller.drivers.addresses import Addresses
     from controller.drivers.nft import Nft
     from controller.drivers.tunnels import Tunnels
-    from controller.drivers.wireguard import detect
     from controller.reconcile import Reconciler
 
     policy = parse_policy(POLICIES[variant].encode(), f"bench-{variant}")

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from controller.drivers.wireguard import Peer, detect, keys
+from common.wireguard import Peer, detect, keys
 
 HUB_IF = "benchhub"
 CLIENT_IF = "benchwg"

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from common.wireguard import keys
 from controller.bench.common import delete_namespace, machine_info, parse_sizes, summary, tail
-from controller.drivers.wireguard import keys
 
 PY = sys.executable
 

@@ -13,7 +13,7 @@ import base64
 import logging
 from pathlib import Path
 
-from controller.drivers.wireguard import keys
+from common.wireguard import keys
 
 log = logging.getLogger(__name__)
 

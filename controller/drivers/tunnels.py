@@ -23,9 +23,9 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from common.wireguard import Device, Peer, WireGuard, WireGuardError, keys
 from controller.core.desired import HubPeer, HubState, UplinkState
 from controller.drivers.addresses import DOM0_PROTO
-from controller.drivers.wireguard import Device, Peer, WireGuard, WireGuardError, keys
 
 log = logging.getLogger(__name__)
 

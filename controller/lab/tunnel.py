@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from controller.drivers.wireguard import Peer, detect, keys
+from common.wireguard import Peer, detect, keys
 from controller.wgexport import parse
 
 IFNAME = "wg0"

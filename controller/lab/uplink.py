@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
-from controller.drivers.wireguard import keys
+from common.wireguard import keys
 from controller.lab import netns, processes, topology
 from controller.lab.rundir import Lab
 

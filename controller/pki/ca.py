@@ -19,7 +19,7 @@ fsync'd and renamed in, so a crash leaves the old file or the new one):
 The root key is read only by `init` and `rotate`; a passphrase keeps it
 useless to whoever copies the state directory. A key file that its group or
 others can read, or that another user owns, is refused, not tightened (as
-controller/drivers/wireguard/keys.py does): it must be considered leaked.
+common/wireguard/keys.py does): it must be considered leaked.
 No message, log line or exception here carries key material.
 """
 

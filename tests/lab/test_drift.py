@@ -145,7 +145,7 @@ def status_address(lab: Lab, mac: str) -> str:
 def hub_peers(lab: Lab) -> list[str]:
     code = (
         "import json,sys; from pathlib import Path;"
-        "from controller.drivers.wireguard.userspace import UserspaceWireGuard as W;"
+        "from common.wireguard.userspace import UserspaceWireGuard as W;"
         "wg=W(Path(sys.argv[1]));"
         "print(json.dumps([k.hex() for k in wg.get('hub0').peers]))"
     )
@@ -160,7 +160,7 @@ def hub_peers(lab: Lab) -> list[str]:
 def remove_hub_peer(lab: Lab, key_hex: str) -> None:
     code = (
         "import sys; from pathlib import Path;"
-        "from controller.drivers.wireguard.userspace import UserspaceWireGuard as W;"
+        "from common.wireguard.userspace import UserspaceWireGuard as W;"
         "W(Path(sys.argv[1])).set_peers('hub0', remove=[bytes.fromhex(sys.argv[2])])"
     )
     netns.run(

@@ -35,8 +35,8 @@ import pytest
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.inet6 import IPv6
 
-from controller.drivers.wireguard import keys, uapi
-from controller.drivers.wireguard.userspace import SOCKET_DIR
+from common.wireguard import keys, uapi
+from common.wireguard.userspace import SOCKET_DIR
 from controller.lab import (
     build,
     controllerproc,
@@ -162,7 +162,7 @@ def hub_peers(lab: Lab) -> dict[str, tuple[str, ...]]:
     code = (
         "import json, sys, base64\n"
         "from pathlib import Path\n"
-        "from controller.drivers.wireguard.userspace import UserspaceWireGuard\n"
+        "from common.wireguard.userspace import UserspaceWireGuard\n"
         "d = UserspaceWireGuard(Path(sys.argv[1])).get('hub0')\n"
         "print(json.dumps({base64.b64encode(k).decode(): list(s.peer.allowed_ips)"
         " for k, s in d.peers.items()}))\n"

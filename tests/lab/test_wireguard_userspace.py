@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from controller.drivers.wireguard import keys
+from common.wireguard import keys
 
 pytestmark = [
     pytest.mark.lab,
@@ -42,7 +42,7 @@ MakeNetns = Callable[[str], str]
 DRIVER = r"""
 import base64, hashlib, json, os, stat, sys, time
 from pathlib import Path
-from controller.drivers.wireguard import Peer, WireGuardError, detect, load_or_create, kernel, netlink
+from common.wireguard import Peer, WireGuardError, detect, load_or_create, kernel, netlink
 
 state = Path(sys.argv[1])
 wg = detect(state / "wireguard", log_dir=state / "log", prefer="userspace")

@@ -25,16 +25,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.drivers.wireguard import kernel, keys, uapi
-from controller.drivers.wireguard import netlink as nl
-from controller.drivers.wireguard.backend import Backend
-from controller.drivers.wireguard.errors import (
+from common.wireguard import kernel, keys, uapi
+from common.wireguard import netlink as nl
+from common.wireguard.backend import Backend
+from common.wireguard.errors import (
     ConfigError,
     DeviceError,
     DeviceNotFound,
     ProtocolError,
 )
-from controller.drivers.wireguard.model import (
+from common.wireguard.model import (
     ZERO_KEY,
     Device,
     Peer,

@@ -30,16 +30,16 @@ import ipaddress
 import socket
 import struct
 
-from controller.drivers.wireguard import netlink as nl
-from controller.drivers.wireguard.backend import Backend
-from controller.drivers.wireguard.errors import (
+from common.wireguard import netlink as nl
+from common.wireguard.backend import Backend
+from common.wireguard.errors import (
     DeviceError,
     DeviceNotFound,
     ProtocolError,
     WireGuardError,
     WireGuardUnavailable,
 )
-from controller.drivers.wireguard.model import (
+from common.wireguard.model import (
     ZERO_KEY,
     Device,
     Peer,

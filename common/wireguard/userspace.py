@@ -47,14 +47,14 @@ from pathlib import Path
 
 from common import processes
 from common.processes import ProcessRecord
-from controller.drivers.wireguard import uapi
-from controller.drivers.wireguard.backend import Backend
-from controller.drivers.wireguard.errors import (
+from common.wireguard import uapi
+from common.wireguard.backend import Backend
+from common.wireguard.errors import (
     DeviceNotFound,
     WireGuardError,
     WireGuardUnavailable,
 )
-from controller.drivers.wireguard.model import Device, Update, check_ifname
+from common.wireguard.model import Device, Update, check_ifname
 
 log = logging.getLogger(__name__)
 

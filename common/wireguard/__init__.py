@@ -11,8 +11,8 @@ Addresses and routes of the interfaces are not this driver's job.
 
 from __future__ import annotations
 
-from controller.drivers.wireguard.backend import Backend, WireGuard, detect
-from controller.drivers.wireguard.errors import (
+from common.wireguard.backend import Backend, WireGuard, detect
+from common.wireguard.errors import (
     ConfigError,
     DeviceError,
     DeviceNotFound,
@@ -20,8 +20,8 @@ from controller.drivers.wireguard.errors import (
     WireGuardError,
     WireGuardUnavailable,
 )
-from controller.drivers.wireguard.keys import KeyFileError, PrivateKey, load_or_create, public_of
-from controller.drivers.wireguard.model import Device, Peer, PeerStatus, diff_peers, needs_update
+from common.wireguard.keys import KeyFileError, PrivateKey, load_or_create, public_of
+from common.wireguard.model import Device, Peer, PeerStatus, diff_peers, needs_update
 
 __all__ = [
     "Backend",

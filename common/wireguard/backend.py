@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
-from controller.drivers.wireguard.errors import WireGuardUnavailable
-from controller.drivers.wireguard.keys import PrivateKey
-from controller.drivers.wireguard.model import (
+from common.wireguard.errors import WireGuardUnavailable
+from common.wireguard.keys import PrivateKey
+from common.wireguard.model import (
     Device,
     Peer,
     Update,
@@ -145,7 +145,7 @@ def detect(
 
     `state_dir` (and `log_dir`) serve the userspace backend: daemon records, logs.
     `prefer` forces a backend and fails clearly when it cannot work here."""
-    from controller.drivers.wireguard import kernel
+    from common.wireguard import kernel
 
     if prefer not in (None, "kernel", "userspace"):
         raise ValueError(f"prefer must be 'kernel', 'userspace' or None, not {prefer!r}")
@@ -158,7 +158,7 @@ def detect(
         )
     binary = shutil.which("wireguard-go")
     if binary is not None:
-        from controller.drivers.wireguard.userspace import UserspaceWireGuard
+        from common.wireguard.userspace import UserspaceWireGuard
 
         return UserspaceWireGuard(state_dir, log_dir=log_dir, binary=binary)
     raise WireGuardUnavailable(

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from controller.drivers.wireguard.errors import ConfigError
+from common.wireguard.errors import ConfigError
 
 KEY_LEN = 32
 ZERO_KEY = bytes(KEY_LEN)

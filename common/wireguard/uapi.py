@@ -18,13 +18,13 @@ import os
 import socket
 import time
 
-from controller.drivers.wireguard.errors import (
+from common.wireguard.errors import (
     ConfigError,
     DeviceError,
     ProtocolError,
 )
-from controller.drivers.wireguard.keys import public_of
-from controller.drivers.wireguard.model import (
+from common.wireguard.keys import public_of
+from common.wireguard.model import (
     KEY_LEN,
     ZERO_KEY,
     Device,

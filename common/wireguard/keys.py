@@ -29,8 +29,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from controller.drivers.wireguard.errors import ConfigError, WireGuardError
-from controller.drivers.wireguard.model import KEY_LEN, b64, check_key
+from common.wireguard.errors import ConfigError, WireGuardError
+from common.wireguard.model import KEY_LEN, b64, check_key
 
 MAX_KEY_FILE = 256  # a key file is 45 bytes; anything much larger is not one
 
