@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.register(sub)
     # The installer parses its own arguments; it only shares the entry point.
     sub.add_parser("install", help="bootstrap installer (Gentoo on root-on-ZFS)", add_help=False)
+    sub.add_parser("agent", help="the agent inside a VM (dom0 agent run --help)", add_help=False)
     return parser
 
 
@@ -87,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from installer.cli import main as install_main
 
         return install_main(args_in[1:])
+    if args_in and args_in[0] == "agent":  # (the agent imports none of the controller)
+        from agents.cli import main as agent_main
+
+        return agent_main(args_in[1:])
     parser = build_parser()
     args = parser.parse_args(args_in)
     handler: Callable[[argparse.Namespace], int] = args.handler

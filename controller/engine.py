@@ -19,18 +19,20 @@ running.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
 
+from common.agentconfig import MachineConfig
 from common.wireguard import WireGuard, detect
 from controller import control
 from controller.api import handlers, status
@@ -156,6 +158,19 @@ class Controller:
                     rec.failed(str(e))
                     await trio.sleep(1)  # (not a busy loop against a broken kernel)
                     await self.send.send(Resync("after a failure"))
+                    continue
+                self._push_agents()
+
+    def _push_agents(self) -> None:
+        """After each sync: the connected agents whose configuration changed get it."""
+        from controller.sources.agents import Listener
+
+        listener = self.agent_listener
+        if isinstance(listener, Listener) and listener.book is not None and listener.book.live:
+            try:
+                listener.book.refresh()
+            except Exception:  # (the agents wait; the network is not theirs to stop)
+                log.exception("agents: configurations not refreshed")
 
     def _renew(self, mac: str, port: str) -> None:
         if self.nursery is not None and port not in self.flapping:
@@ -189,15 +204,55 @@ class Controller:
             await netlink.resync()
             await self.send.send(Resync("periodic", repair=True))
 
-    def _agents_connected(self) -> list[dict[str, str]]:
+    def _agents_report(self) -> list[dict[str, object]]:
+        """Every agent dom0 has pushed to: connected or not, the version it
+        should run, the one it applied, its last refusal and its report."""
         from controller.sources.agents import Listener
 
         if not isinstance(self.agent_listener, Listener):
             return []
+        if self.agent_listener.book is not None:
+            return list(self.agent_listener.book.report())
         return [
-            {"name": p.fqdn, "slot": p.slot, "serial": p.serial, "source": p.source}
+            {
+                "name": p.fqdn,
+                "slot": p.slot,
+                "serial": p.serial,
+                "source": p.source,
+                "connected": True,
+            }
             for p, _scope in self.agent_listener.live.values()
         ]
+
+    def _agent_configs(self, names: Collection[str]) -> dict[str, MachineConfig | None]:
+        """The configurations of these machines now (controller/core/agentconfig.py)."""
+        from controller.core.agentconfig import machine_config
+        from controller.core.desired import fqdn_of
+
+        rec = self.reconciler
+        hub_key = None
+        if rec.tunnels is not None and rec.applied_policy is not None and rec.applied_policy.hub:
+            try:
+                hub_key = rec.tunnels.hub_public_key(rec.applied_policy.hub)
+            except Exception as e:  # (no hub key yet: hub machines wait for it)
+                log.warning("agents: the hub's key: %s", e)
+        wanted = set(names)
+        found: dict[str, MachineConfig | None] = dict.fromkeys(wanted)
+        for a in rec.ledger.by_mac.values():
+            name = fqdn_of(rec.policy, a)
+            if name in wanted and a.mac in rec.applied:
+                found[name] = machine_config(rec.policy, a, hub_key)
+        return found
+
+    def _agent_key(self, fqdn: str, public_key: str) -> None:
+        """An enrolled agent's WireGuard key: its machine's hub peer from now on."""
+        a = self.reconciler.find(fqdn)
+        if a is None or a.underlay is None:
+            return  # (a machine of a bridge domain has no tunnel to dom0)
+        if self.reconciler.keys.adopt(a.key_id, public_key):
+            self.reconciler.request_resync()
+            with contextlib.suppress(trio.WouldBlock):
+                self.send.send_nowait(Resync(f"the agent of {fqdn} brought its own key"))
 
     def _ca_warnings(self) -> list[str]:
         from controller.pki import ca
@@ -221,6 +276,7 @@ class Controller:
         from controller.pki import ca
         from controller.pki.enroll import Enrollment
         from controller.pki.tokens import Tokens
+        from controller.sources.agentbook import ConfigBook
         from controller.sources.agents import REVOCATION_POLL, Listener, server_context
 
         rec = self.reconciler
@@ -231,11 +287,7 @@ class Controller:
         try:
             authority = ca.load(self.state_dir, db)
             now = datetime.now(UTC)
-            gateways = [
-                str(d.gateway)
-                for d in rec.policy.domains.values()
-                if "enroll" in d.services and not d.hub
-            ]
+            gateways = agent_gateways(rec.policy)
             server = authority.issue_server([f"dom0.{rec.policy.tld}"], gateways, now)
             bundle = authority.write_bundle(now)
             tokens = Tokens(db)
@@ -244,17 +296,16 @@ class Controller:
             log.error("agents: the CA cannot be used: %s", e)
             return
         log.info("agents: server certificate serial %s", server.serial)
+        enrollment = Enrollment(
+            authority, tokens, rec.holder, lambda: datetime.now(UTC), self._agent_key
+        )
         listener = Listener(
             server_context(bundle, authority.dir / ca.SERVER_PEM),
             rec.holder,
             authority.revoked,
-            enroll=Enrollment(
-                authority,
-                tokens,
-                rec.holder,
-                lambda: datetime.now(UTC),
-                lambda fqdn, _key: log.info("agents: %s enrolled (its WireGuard key noted)", fqdn),
-            ),
+            enroll=enrollment,
+            renew=enrollment.renew,
+            book=ConfigBook(db, self._agent_configs),
         )
         self.agent_listener = listener
 
@@ -374,12 +425,24 @@ class Controller:
                 dnsmasq_pid=self.dnsmasq.pid,
                 dnsmasq_reloads=self.dnsmasq.reloads,
                 ca_warnings=self._ca_warnings(),
-                agents=self._agents_connected(),
+                agents=self._agents_report(),
             ),
             post=post,
             export=lambda name: handlers.wg_export(self.reconciler, self.state_dir, name),
             renew=lambda name: handlers.renew(self.reconciler, name),
         )
+
+
+def agent_gateways(policy: Policy) -> list[str]:
+    """Where the agents' listener listens: the gateway of each bridge domain
+    whose services include `enroll`, and the hub's bridge address when a hub
+    domain's do (a hub machine talks to dom0 over its underlay)."""
+    out = [str(d.gateway) for d in policy.domains.values() if "enroll" in d.services and not d.hub]
+    if policy.hub is not None and any(
+        "enroll" in d.services for d in policy.domains.values() if d.hub
+    ):
+        out.append(str(policy.hub.gateway))
+    return out
 
 
 def _wireguard(state_dir: Path) -> Callable[[], WireGuard]:

@@ -63,6 +63,7 @@ class Machine:
     underlay: str | None = None  # hub machines: the bridge address their tunnel uses
     confirmed: bool = False  # has held its DHCP lease (established; see core.decide)
     address6: str | None = None  # in a domain with IPv6: its DHCPv6 reservation
+    agent_server: str | None = None  # where its agent enrolls and connects (None: nowhere)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -550,6 +551,14 @@ class Reconciler:
             return fqdn_of(self.policy, a), slot_uri(a.rule, a.slot)
         return None
 
+    def _agent_server(self, domain: str) -> str | None:
+        d = self.policy.domains.get(domain)
+        if d is None or "enroll" not in d.services:
+            return None
+        if d.hub and self.policy.hub is not None:
+            return str(self.policy.hub.gateway)
+        return str(d.gateway)
+
     def find(self, name: str) -> Allocation | None:
         """A machine by MAC, full name, or label when that is unambiguous."""
         wanted = name.strip().lower().rstrip(".")
@@ -596,6 +605,7 @@ class Reconciler:
                         if (d := self.policy.domains.get(a.domain)) is not None
                         else None
                     ),
+                    agent_server=None if quarantined else self._agent_server(a.domain),
                 )
             )
         return out

@@ -35,6 +35,13 @@ def wg_export(rec: Reconciler, state_dir: Path, name: object) -> dict[str, Any]:
         }
     if rec.tunnels is None or rec.applied_policy is None or rec.applied_policy.hub is None:
         return {"ok": False, "error": "this controller runs without its hub (yet)"}
+    if rec.keys.is_agents(a.key_id):
+        return {
+            "ok": False,
+            "usage": True,
+            "error": f"{name}: its agent enrolled with a key of its own, which never leaves it: "
+            "there is nothing to export",
+        }
     private = keys.load(key_path(state_dir, a.key_id))
     hub_key = rec.tunnels.hub_public_key(rec.applied_policy.hub)
     fqdn = fqdn_of(rec.policy, a)

@@ -16,7 +16,7 @@ def status(
     dnsmasq_pid: int | None,
     dnsmasq_reloads: int = 0,
     ca_warnings: list[str] | None = None,
-    agents: list[dict[str, str]] | None = None,
+    agents: list[dict[str, object]] | None = None,
 ) -> dict[str, Any]:
     s = rec.stats
     return {
@@ -24,7 +24,7 @@ def status(
         # the CA's root or issuing intermediate near expiry (or gone): an
         # expired CA would stop every agent at once, so it is said everywhere
         "ca_warnings": list(ca_warnings or ()),
-        "agents": list(agents or ()),  # connected now, with a certificate
+        "agents": list(agents or ()),  # every agent pushed to: connected, versions, last NACK
         "policy": policy,
         "bridge": rec.policy.bridge,
         "last_policy_error": last_policy_error,

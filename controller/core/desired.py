@@ -559,6 +559,11 @@ def policy_state(
         ranges.append(DhcpRange(QUARANTINE, q.pool, None, f"{QUARANTINE}.{policy.tld}"))
     hub_state = None
     if hub is not None:
+        if any("enroll" in d.services for d in domains.values() if d.hub):
+            # a hub machine's agent talks to dom0 over its underlay, before
+            # (and besides) its tunnel: the bridge address is the one its port binds
+            for proto, port in SERVICES["enroll"]:
+                services.add((str(hub.pool), str(hub.gateway), proto, str(port)))
         addresses.add((policy.bridge, f"{hub.gateway}/{hub.pool.prefixlen}"))
         dhcp_server.add((str(hub.gateway),))
         # No router: a hub machine's only destination on the bridge is the hub.

@@ -1,6 +1,8 @@
 """Hub machines' tunnel keys: a private key per machine identity, 0600 under
 `STATE/keys/machines/`, made when the machine is admitted, for `dom0 wg
-export` to hand out (agents will bring their own keys instead).
+export` to hand out; or, once the machine's agent has enrolled, only the
+public key the agent sent (`ID.pub`): its private half never leaves the VM,
+and the one dom0 had made is deleted then.
 
 The core gets the public halves as a plain mapping (`public`), never a
 callback that might create a file in the middle of a decision; the shell
@@ -41,6 +43,13 @@ class MachineKeys:
                         found[key_id] = _b64(keys.public_of(keys.load(path)))
                     except keys.KeyFileError as e:  # unsafe or damaged: never used
                         log.error("machine key %s: %s", path, e)
+                for path in sorted(self.dir.glob("*.pub")):  # an agent's own key wins
+                    try:
+                        found[path.stem.replace("-", ":")] = keys.to_base64(
+                            keys.from_base64(path.read_text().strip())
+                        )
+                    except (OSError, ValueError) as e:
+                        log.error("machine key %s: %s", path, e)
             self._public = found
         return self._public
 
@@ -48,6 +57,25 @@ class MachineKeys:
         public = _b64(keys.public_of(keys.load_or_create(key_path(self.state_dir, key_id))))
         self.public()[key_id] = public
         return public
+
+    def adopt(self, key_id: str, public: str) -> bool:
+        """The machine's agent brought its own key: it is the machine's from
+        now on, and dom0's private key for it is deleted. True if it changed."""
+        public = keys.to_base64(keys.from_base64(public))
+        if self.public().get(key_id) == public and not key_path(self.state_dir, key_id).exists():
+            return False
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pub = key_path(self.state_dir, key_id).with_suffix(".pub")
+        tmp = pub.with_name(f".{pub.name}.tmp")
+        tmp.write_text(public + "\n")
+        tmp.replace(pub)
+        key_path(self.state_dir, key_id).unlink(missing_ok=True)
+        self.public()[key_id] = public
+        log.info("machine key %s: the agent's own from now on", key_id)
+        return True
+
+    def is_agents(self, key_id: str) -> bool:
+        return key_path(self.state_dir, key_id).with_suffix(".pub").exists()
 
 
 def _b64(raw: bytes) -> str:

@@ -90,6 +90,7 @@ def create(
     macs: Mapping[int, str] | None = None,
     port_prefix: str = topology.PORT_PREFIX,
     warn: Progress = _quiet,
+    agents: bool = False,
 ) -> Lab:
     """Build lab name with VMs 1..vms and return its handle.
 
@@ -101,6 +102,11 @@ def create(
     the operator's edits reach it; the lab then appends nothing and has no VPN
     uplink unless the file has one. VMs of hub domains then join the hub with
     their `dom0 wg export` configuration.
+
+    With agents, dom0 gets a CA (`dom0 ca init`) before its controller starts,
+    and every VM whose domain offers the `enroll` service runs the real agent
+    (controller/lab/agent.py), enrolled with a token for its machine, instead
+    of its DHCP client and `dom0 wg export`.
 
     VM I has MAC 52:54:00:d0:00:II and port vnetI (port_prefix + I), macs
     overrides some; fit=True gives the others MACs that the policy's rules take
@@ -148,6 +154,7 @@ def create(
             lease_timeout,
             progress,
             with_uplink,
+            agents,
         )
     except BaseException:
         if teardown_on_error:
@@ -170,6 +177,7 @@ def _build(
     lease_timeout: float,
     progress: Progress,
     with_uplink: bool = True,
+    agents: bool = False,
 ) -> None:
     started = time.monotonic()
     for d in (lab.logs_dir, lab.state_dir, lab.leases_dir):
@@ -225,6 +233,11 @@ def _build(
         f"topology {lab.name}: {len(namespaces)} namespaces, {len(specs)} VMs "
         f"({time.monotonic() - started:.1f} s)"
     )
+    if with_controller and agents:
+        made = processes.run_dom0("ca", "init", "--state", str(lab.state_dir), timeout=120)
+        if made.returncode != 0:
+            raise LabError(f"dom0 ca init: {made.stderr.strip()}")
+        progress("dom0's CA made (dom0 ca init)")
     if with_controller:
         proc = controllerproc.start(lab)
         progress(f"controller ready (pid {proc.pid}, log {lab.controller_log})")
@@ -246,9 +259,36 @@ def _build(
         )
         which = "all" if len(leased) == len(indexes) else f"{len(leased)} of"
         progress(f"{which} {len(indexes)} VMs have leases ({time.monotonic() - started:.1f} s)")
-        joined = join_hub(lab, leased)
+        enrolled = enroll_agents(lab, leased, progress) if agents else []
+        joined = join_hub(lab, [i for i in leased if i not in enrolled])
+        if enrolled:
+            progress(
+                f"{len(enrolled)} agents enrolled and run their configuration "
+                f"({time.monotonic() - started:.1f} s)"
+            )
         if joined:
             progress(f"{len(joined)} VMs joined the hub ({time.monotonic() - started:.1f} s)")
+
+
+def enroll_agents(lab: Lab, indexes: Iterable[int], progress: Progress = _quiet,
+                  timeout: float = 60.0) -> list[int]:  # fmt: skip
+    """The VMs whose domain offers `enroll` run the agent: enrolled, each
+    runs its first configuration, then their DHCP clients stop."""
+    from controller.lab import agent
+
+    machines = {m["mac"]: m for m in controllerproc.status(lab)}
+    started = []
+    for i in indexes:
+        m = machines.get(lab.vm(i)["mac"])
+        if m is not None and m.get("state") == "admitted" and m.get("agent_server"):
+            agent.enroll(lab, i)
+            started.append(i)
+    for n, i in enumerate(started):
+        agent.wait_applied(lab, i, timeout)
+        agent.take_over(lab, i)
+        if (n + 1) % 10 == 0 and n + 1 < len(started):
+            progress(f"agents {n + 1}/{len(started)} run their configuration")
+    return started
 
 
 def join_hub(lab: Lab, indexes: Iterable[int]) -> list[int]:

@@ -307,7 +307,10 @@ class CertificateAuthority:
         )
         chain = _pem(cert) + _pem(issuer)
         self.store.add(cert, "server")
-        _write(self.dir / SERVER_PEM, _key_bytes(key) + chain, 0o600)
+        # The root goes in the handshake too: an enrolling agent has only the
+        # fingerprint its token carries, and pins the root it finds by it
+        # (agents/identity.py); a verifying client ignores an extra anchor.
+        _write(self.dir / SERVER_PEM, _key_bytes(key) + chain + _pem(self.root), 0o600)
         log.info(
             "CA: server certificate serial %s for %s, until %s",
             issue.serial_hex(cert.serial_number),

@@ -21,7 +21,7 @@ from common import wire
 from controller.pki import issue
 from controller.pki.ca import CaError, CertificateAuthority
 from controller.pki.tokens import TokenError, Tokens
-from controller.sources.agents import Holder, Refused
+from controller.sources.agents import Holder, Peer, Refused
 
 
 class Enrollment:
@@ -64,4 +64,21 @@ class Enrollment:
         pem = issued.certificate.public_bytes(serialization.Encoding.PEM).decode()
         return wire.Enrolled(
             certificate_pem=pem, chain_pem=issued.chain_pem.decode(), ca_fingerprint=fingerprint
+        )
+
+    def renew(self, request: wire.Renew, peer: Peer) -> wire.Enrolled:
+        """A new certificate for an agent whose connection `identify` let in:
+        the same machine, the same slot, for the key in its CSR."""
+        try:
+            issue.csr_public_key(request.csr_pem)
+            issued = self.authority.issue_agent(
+                request.csr_pem, peer.fqdn, peer.slot, self.clock(), self.hours
+            )
+        except (issue.PkiError, CaError) as e:
+            raise Refused(f"renewal of {peer.fqdn}: {e}") from None
+        pem = issued.certificate.public_bytes(serialization.Encoding.PEM).decode()
+        return wire.Enrolled(
+            certificate_pem=pem,
+            chain_pem=issued.chain_pem.decode(),
+            ca_fingerprint=issue.fingerprint(self.authority.root),
         )

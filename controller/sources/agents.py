@@ -35,6 +35,7 @@ from cryptography import x509
 
 from common import wire
 from controller.pki import issue
+from controller.sources.agentbook import ConfigBook
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,10 @@ class Listener:
     revocations: Callable[[], Collection[str]]
     # an agent without a certificate, its Enroll from an address (Refused: why not)
     enroll: Callable[[wire.Enroll, str], wire.Enrolled] | None = None
+    # an enrolled agent's Renew: its new certificate (Refused: why not)
+    renew: Callable[[wire.Renew, Peer], wire.Enrolled] | None = None
+    # the configurations to push, and what the agents answered (None: push nothing)
+    book: ConfigBook | None = None
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     idle_timeout: float = IDLE_TIMEOUT
     live: dict[str, tuple[Peer, trio.CancelScope]] = field(default_factory=dict)
@@ -162,12 +167,47 @@ class Listener:
                 self.live.pop(peer.serial, None)
 
     async def _converse(self, stream: trio.SSLStream, conn: wire.Connection, peer: Peer) -> None:
-        await stream.send_all(conn.send(wire.Hello(version=wire.PROTOCOL_VERSION,
-                                                   role="controller", agent=peer.fqdn)))  # fmt: skip
+        talk = _Talk(stream, conn)
+        await talk.send(wire.Hello(version=wire.PROTOCOL_VERSION, role="controller",
+                                   agent=peer.fqdn))  # fmt: skip
+        if self.book is not None:
+            self.book.connect(peer.fqdn, peer.serial, peer.source, peer.slot)
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.book is not None:
+                    nursery.start_soon(self._push, talk, peer, self.book)
+                try:
+                    await self._receive(talk, peer)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # (the pusher's own failure: the stream broke)
+            if not group.subgroup((trio.BrokenResourceError, ssl.SSLError)):
+                raise
+        except (trio.BrokenResourceError, ssl.SSLError):
+            pass
+        finally:
+            if self.book is not None:
+                self.book.disconnect(peer.fqdn, peer.serial)
+
+    async def _push(self, talk: _Talk, peer: Peer, book: ConfigBook) -> None:
+        """Each new configuration of the agent's machine, as it comes (once
+        the agent's hello is in: nothing else goes before both hellos)."""
+        await talk.ready.wait()
+        sent = 0
+        while True:
+            push = book.next_push(peer.fqdn, sent)
+            if push is not None:
+                sent, config = push
+                await talk.send(wire.Config(version=sent, config=config))
+                log.info("agent %s: configuration %d pushed", peer.fqdn, sent)
+            await book.changed(peer.fqdn)
+
+    async def _receive(self, talk: _Talk, peer: Peer) -> None:
+        conn = talk.conn
         while True:
             with trio.move_on_after(self.idle_timeout) as idle:
                 try:
-                    data = bytes(await stream.receive_some(READ_SIZE))
+                    data = bytes(await talk.stream.receive_some(READ_SIZE))
                 except (trio.BrokenResourceError, ssl.SSLError):
                     return
             if idle.cancelled_caught:
@@ -179,12 +219,21 @@ class Listener:
                     event = conn.next_event()
                     if event is wire.NEED_DATA or event is wire.CLOSED:
                         break
+                    assert not isinstance(event, wire.Signal)
+                    if conn.state is wire.State.READY:
+                        talk.ready.set()
                     reply = self._answer(event, peer)
                     if reply is not None:
-                        await stream.send_all(conn.send(reply))
+                        await talk.send(reply)
             except wire.ProtocolError as e:
                 log.warning("agent %s: protocol error: %s", peer.fqdn, e)
-                await _say(stream, conn.error_frame())
+                async with talk.lock:
+                    await _say(talk.stream, conn.error_frame())
+                return
+            except Refused as e:
+                log.warning("agent %s: %s", peer.fqdn, e)
+                async with talk.lock:
+                    await _say(talk.stream, conn.send(wire.Error(reason=str(e))))
                 return
             if conn.state in (wire.State.CLOSED, wire.State.ERROR) or not data:
                 return
@@ -230,11 +279,45 @@ class Listener:
                 return
 
     def _answer(self, event: wire.Message, peer: Peer) -> wire.Message | None:
+        book = self.book
+        if book is not None:
+            book.seen(peer.fqdn)
         if isinstance(event, wire.Heartbeat):
             return wire.Heartbeat(seq=event.seq)
         if isinstance(event, wire.Hello):
             log.info("agent %s (%s) connected from %s", peer.fqdn, peer.slot, peer.source)
+        elif isinstance(event, wire.Ack):
+            log.info("agent %s: configuration %d applied", peer.fqdn, event.version)
+            if book is not None:
+                book.ack(peer.fqdn, event.version)
+        elif isinstance(event, wire.Nack):
+            log.warning("agent %s: configuration %d refused: %s", peer.fqdn, event.version,
+                        event.error)  # fmt: skip
+            if book is not None:
+                book.nack(peer.fqdn, event.version, event.error)
+        elif isinstance(event, wire.Status):
+            if book is not None:
+                book.status(peer.fqdn, event.version_applied, event.report)
+        elif isinstance(event, wire.Renew):
+            if self.renew is None:
+                raise Refused("renewal is not possible here: enroll again")
+            return self.renew(event, peer)
         return None
+
+
+class _Talk:
+    """One connection's stream and protocol state; sends are one at a time
+    (trio allows a single send_all on a stream at once)."""
+
+    def __init__(self, stream: trio.SSLStream, conn: wire.Connection) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.lock = trio.Lock()
+        self.ready = trio.Event()  # both hellos are through
+
+    async def send(self, message: wire.Message) -> None:
+        async with self.lock:
+            await self.stream.send_all(self.conn.send(message))
 
 
 async def _say(stream: trio.SSLStream, frame: bytes) -> None:

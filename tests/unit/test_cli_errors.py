@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from agents.cli import parser as build_agent_parser
 from controller.cli import EXIT_CODES, build_parser
 from installer.cli import build_parser as build_install_parser
 
@@ -38,6 +39,8 @@ def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iter
     for name, child in subs[0].choices.items():
         if (*path, name) == ("install",):  # its own parser: it only shares the entry point
             yield from _leaves(build_install_parser(), ("install",))
+        elif (*path, name) == ("agent",):  # the agent's own, too
+            yield from _leaves(build_agent_parser(), ("agent",))
         else:
             yield from _leaves(child, (*path, name))
 
@@ -69,7 +72,9 @@ def _argv(path: tuple[str, ...], file: str, state: str, root: str) -> list[str]:
         if not a.option_strings:
             argv.append(file if is_file else "web1")
         elif a.required or "--state" in a.option_strings or is_file:
-            value = {"--state": state, "--root": root}.get(a.option_strings[0], file)
+            value = {"--state": state, "--root": root, "--server": "10.250.0.1"}.get(
+                a.option_strings[0], file
+            )
             argv += [a.option_strings[0], value]
     return argv
 
@@ -172,6 +177,8 @@ BAD_VALUES: dict[tuple[str, ...], tuple[list[str], str]] = {
     ("bench", "reconcile"): (["--sizes", "ten"], "--sizes"),
     ("bench", "wireguard"): (["--sizes", "ten"], "--sizes"),
     ("install", "validate"): (["--root", "/nonexistent/dom0-test"], "--root"),
+    ("agent", "status"): (["--root", "/nonexistent/dom0-test"], "--root"),
+    ("agent", "run"): (["--server", "dom0.example"], "--server"),
 }
 
 
