@@ -88,11 +88,12 @@ def tls_client(root: Root | None, *, client_cert: bool) -> ssl.SSLContext:
     return ctx
 
 
-def fetch_chain(host: str, port: int, timeout: float) -> list[bytes]:
+def fetch_chain(host: str, port: int, timeout: float, local: str | None = None) -> list[bytes]:
     """The server's certificate chain, unverified (blocking: run in a thread)."""
     ctx = tls_client(None, client_cert=False)
+    source = (local, 0) if local else None
     with (
-        socket.create_connection((host, port), timeout=timeout) as raw,
+        socket.create_connection((host, port), timeout=timeout, source_address=source) as raw,
         ctx.wrap_socket(raw, server_hostname=host) as tls,
     ):
         sslobj: Any = tls
@@ -110,12 +111,14 @@ class Agent:
     server: str
     port: int = PORT
     server_name: str | None = None  # the name or address in dom0's certificate (default: server)
+    local_address: str | None = None  # the source address to connect from (default: the kernel's)
     heartbeat: float = HEARTBEAT
     idle: float = IDLE
     rng: random.Random = field(default_factory=random.SystemRandom)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     known: Known | None = None
     connected: bool = False
+    sessions: int = 0  # connections that got past both hellos
     # (version, reason) of the last configuration refused, for the status report
     last_nack: tuple[int, str] | None = None
     _send_lock: trio.Lock = field(default_factory=trio.Lock)
@@ -145,14 +148,15 @@ class Agent:
         await self.start()
         attempt = 0
         while True:
-            was_connected = False
+            sessions = self.sessions
             try:
                 if not self.root.enrolled():
                     await self.enroll()
-                was_connected = await self.session()
+                await self.session()
             except (Ended, OSError, ssl.SSLError, trio.BrokenResourceError) as e:
                 log.warning("controller %s:%d: %s", self.server, self.port, _one_line(e))
-            attempt = 0 if was_connected else attempt + 1
+            # a connection that got past the hellos resets the wait
+            attempt = 0 if self.sessions > sessions else attempt + 1
             await trio.sleep(backoff(attempt, self.rng))
 
     # -- enrollment ------------------------------------------------------------------
@@ -161,7 +165,9 @@ class Agent:
         if token is None:
             raise Ended(f"not enrolled, and no token in {self.root.token} (dom0 token create)")
         pinned = identity.token_fingerprint(token)
-        chain = await trio.to_thread.run_sync(fetch_chain, self.server, self.port, CONNECT_TIMEOUT)
+        chain = await trio.to_thread.run_sync(
+            fetch_chain, self.server, self.port, CONNECT_TIMEOUT, self.local_address
+        )
         root_der = identity.pick_root(chain, pinned)
         write_atomic(self.root.ca, identity.root_pem(root_der), 0o644)
         key = identity.ensure_key(self.root)
@@ -199,7 +205,8 @@ class Agent:
         ctx = tls_client(self.root, client_cert=client_cert)
         name = self.server_name or self.server
         with trio.fail_after(CONNECT_TIMEOUT):
-            tcp = await trio.open_tcp_stream(self.server, self.port)
+            tcp = await trio.open_tcp_stream(self.server, self.port,
+                                             local_address=self.local_address)  # fmt: skip
             stream = trio.SSLStream(tcp, ctx, server_hostname=name)
             try:
                 await stream.do_handshake()
@@ -232,11 +239,12 @@ class Agent:
                 continue
             return event
 
-    async def session(self) -> bool:
-        """One connection with the certificate, until it ends (True: it got that far)."""
+    async def session(self) -> None:
+        """One connection with the certificate, until it ends."""
         stream, conn = await self._connect(client_cert=True)
         log.info("connected to the controller %s:%d", self.server, self.port)
         self.connected = True
+        self.sessions += 1
         try:
             async with stream:
                 try:
@@ -247,7 +255,6 @@ class Agent:
                     raise Ended(f"protocol error: {e}") from None
         finally:
             self.connected = False
-        return True
 
     async def _converse(self, stream: trio.SSLStream, conn: wire.Connection) -> None:
         try:

@@ -62,6 +62,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     up.add_argument(
         "--keep-on-error", action="store_true", help="leave a failed lab for inspection"
     )
+    up.add_argument(
+        "--no-agents",
+        action="store_true",
+        help="no CA and no agents: the VMs keep their DHCP clients (and hub VMs join with "
+        "`dom0 wg export`)",
+    )
     up.set_defaults(handler=_up)
 
     down = sub.add_parser("down", help="stop everything a lab started and delete it")
@@ -78,6 +84,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     demo.add_argument("--vms", default="4", metavar="N", help="number of VMs, 1..200 (default 4)")
     demo.add_argument("--policy", metavar="FILE", help="policy file (default policies/lab.toml)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
+    demo.add_argument(
+        "--no-agents", action="store_true", help="VMs with DHCP clients instead of the agent"
+    )
     demo.set_defaults(handler=_demo)
 
 
@@ -205,6 +214,7 @@ def _up(args: argparse.Namespace) -> int:
                 lease_timeout=args.timeout,
                 replace=args.replace,
                 teardown_on_error=not args.keep_on_error,
+                agents=not args.no_agents and not args.no_controller,
                 progress=_progress(prog),
                 warn=lambda line: _err(prog, f"warning: {line}"),
             )
@@ -375,6 +385,7 @@ def _demo(args: argparse.Namespace) -> int:
                 name=args.name,
                 progress=_progress(prog),
                 warn=lambda line: _err(prog, f"warning: {line}"),
+                agents=not args.no_agents,
             )
     except demo.build.LabExists as exc:
         _err(prog, f"{exc}; the demo builds and removes a lab of its own")

@@ -46,6 +46,7 @@ class Observation:
     machine: Machine | None  # its entry in `dom0 status --json`, None if absent
     echo: ProbeResult | None  # fetching the internet echo; None if not probed
     peers: dict[int, ProbeResult] = field(default_factory=dict)  # peer index -> probe
+    agent: Machine | None = None  # its agent in `dom0 status --json` (None: it runs none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,7 @@ class Row:
     echo_ok: bool
     peers: tuple[PeerCheck, ...]
     problems: tuple[str, ...]
+    agent: str = "-"  # its agent: the version it runs, or what is wrong
 
     @property
     def vm(self) -> str:
@@ -103,6 +105,7 @@ class Row:
             "echo": self.echo,
             "echo_ok": self.echo_ok,
             "isolation": [{**asdict(c), "ok": c.ok} for c in self.peers],
+            "agent": self.agent,
             "problems": list(self.problems),
             "ok": self.ok,
         }
@@ -160,6 +163,18 @@ def evaluate(
                 if not echo_ok:
                     problems.append(f"{'quarantined' if m else 'unknown'} VM reached the internet")
 
+        agent = "-"
+        if o.agent is not None:
+            a = o.agent
+            agent = f"v{a.get('applied')}" if a.get("applied") else "none applied"
+            nack = a.get("last_nack") or {}
+            if not a.get("connected"):
+                agent += " (down)"
+            elif not a.get("in_sync"):
+                agent += f" (v{nack.get('version')} refused)" if nack else " (pending)"
+            if not (a.get("connected") and a.get("in_sync")):
+                problems.append(f"agent {agent}")
+
         checks = []
         for peer, result in sorted(o.peers.items()):
             other = by_index.get(peer)
@@ -183,12 +198,13 @@ def evaluate(
                 echo_ok=echo_ok,
                 peers=tuple(checks),
                 problems=tuple(problems),
+                agent=agent,
             )
         )
     return rows
 
 
-COLUMNS = ("VM", "MAC", "rule", "name", "address", "echo", "isolation", "result")
+COLUMNS = ("VM", "MAC", "rule", "name", "address", "agent", "echo", "isolation", "result")
 
 
 def table_rows(rows: Sequence[Row]) -> list[tuple[str, ...]]:
@@ -202,6 +218,7 @@ def table_rows(rows: Sequence[Row]) -> list[tuple[str, ...]]:
                 r.rule or "-",
                 r.name or ("(quarantined)" if r.state == "quarantined" else "-"),
                 r.address or "-",
+                r.agent,
                 r.echo + ("" if r.echo_ok else "(!)"),
                 r.isolation,
                 "PASS" if r.ok else "FAIL",
@@ -260,8 +277,10 @@ def observe(
     leases: dict[int, dhcpclient.Lease],
     machines_by_mac: dict[str, Machine],
     timeout: float = PROBE_TIMEOUT,
+    agents: Mapping[str, Machine] | None = None,
 ) -> list[Observation]:
-    """Probe the echo and the peers from every VM (concurrently) and collect results."""
+    """Probe the echo and the peers from every VM (concurrently) and collect
+    results; `agents` are `dom0 status`'s, by machine name."""
     vms = lab.vms()
     machines = {i: machines_by_mac.get(str(v["mac"]).lower()) for i, v in vms.items()}
     jobs: list[tuple[int, list[int], list[str]]] = []
@@ -286,6 +305,7 @@ def observe(
                 machine=machines[i],
                 echo=echo,
                 peers=dict(zip(peers, peer_results, strict=True)),
+                agent=(agents or {}).get(str((machines[i] or {}).get("name"))),
             )
         )
     return observations
@@ -305,6 +325,7 @@ def run(
     lease_timeout: float = 30.0,
     progress: Callable[[str], None] = lambda _: None,
     warn: Callable[[str], None] = lambda _: None,
+    agents: bool = True,
 ) -> tuple[str, list[Row]]:
     """Build a lab, observe, evaluate, and always tear the lab down (only the
     demo's own: a lab of that name that already exists raises LabExists and
@@ -313,7 +334,14 @@ def run(
     # Raises LabExists before anything is built; `finally` must not remove that lab.
     started = time.monotonic()
     lab = build.create(
-        name, vms, policy=policy, wait_leases=False, fit=True, progress=progress, warn=warn
+        name,
+        vms,
+        policy=policy,
+        wait_leases=False,
+        fit=True,
+        progress=progress,
+        warn=warn,
+        agents=agents,
     )
     try:
         indexes = sorted(lab.vms())
@@ -339,11 +367,15 @@ def run(
             except LabError as exc2:
                 progress(str(exc2))
                 machines = {}
-        joined = build.join_hub(lab, sorted(leases))
+        enrolled = build.enroll_agents(lab, sorted(leases), progress) if agents else []
+        if enrolled:
+            progress(f"{len(enrolled)} VMs run the agent, enrolled with a token each")
+        joined = build.join_hub(lab, [i for i in sorted(leases) if i not in enrolled])
         if joined:
             progress(f"{len(joined)} VMs joined the hub with `dom0 wg export`")
         progress("probing the echo service and the other VMs")
-        rows = evaluate(observe(lab, leases, machines), expected_echo)
+        seen = {a["name"]: a for a in controllerproc.reply(lab).get("agents", [])}
+        rows = evaluate(observe(lab, leases, machines, agents=seen), expected_echo)
         return name, rows
     finally:
         with teardown.shielded():

@@ -68,6 +68,8 @@ class Live:
     report: dict[str, Any] | None = None
     reported_version: int | None = None
     last_seen: float = 0.0
+    sent: int = 0  # the last version pushed on this connection (0: none)
+    looked: bool = False  # its pusher has looked at what to push since it connected
 
 
 def _canonical(obj: dict[str, Any]) -> str:
@@ -134,6 +136,8 @@ class ConfigBook:
     def next_push(self, name: str, sent: int) -> tuple[int, dict[str, Any]] | None:
         """What to push to `name` on a connection that has sent version `sent`
         (0: nothing yet), or None."""
+        if (live := self.live.get(name)) is not None:
+            live.looked = True
         rec = self.records.get(name)
         if rec is None or rec.version <= sent or rec.nacked == rec.version:
             return None
@@ -186,6 +190,10 @@ class ConfigBook:
         if live is not None and live.serial == serial:
             del self.live[name]
 
+    def pushed(self, name: str, version: int) -> None:
+        if (live := self.live.get(name)) is not None:
+            live.sent = version
+
     def seen(self, name: str) -> None:
         if (live := self.live.get(name)) is not None:
             live.last_seen = self.clock()
@@ -215,7 +223,9 @@ class ConfigBook:
                     serial=live.serial,
                     source=live.source,
                     slot=live.slot,
-                    since=int(live.since),
+                    since=round(live.since, 3),
+                    pushed=live.sent or None,
+                    looked=live.looked,
                     report=live.report,
                 )
             out.append(entry)

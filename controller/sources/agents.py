@@ -44,6 +44,12 @@ HANDSHAKE_TIMEOUT = 5.0  # seconds for the TLS handshake and both hellos
 IDLE_TIMEOUT = 90.0  # seconds without a frame (agents send a heartbeat every 30 s)
 REVOCATION_POLL = 2.0  # seconds between looks at the store's revocations
 READ_SIZE = 65536
+# A machine is one agent: a few connections at once are a reconnect racing a
+# dying one; more are a tenant holding sockets open. Beyond these, a new
+# connection is closed before its handshake costs anything.
+MAX_PER_SOURCE = 4
+MAX_CONNECTIONS = 4096  # over every source: the controller's own file descriptors
+REFUSAL_LOG_EVERY = 10.0  # seconds: one log line per source and period for refused floods
 
 
 class Refused(Exception):
@@ -115,6 +121,10 @@ class Listener:
     idle_timeout: float = IDLE_TIMEOUT
     live: dict[str, tuple[Peer, trio.CancelScope]] = field(default_factory=dict)
     refusals: int = 0
+    max_per_source: int = MAX_PER_SOURCE
+    max_connections: int = MAX_CONNECTIONS
+    open: dict[str, int] = field(default_factory=dict)  # source -> its connections now
+    _logged: dict[str, float] = field(default_factory=dict)
 
     def revoked(self, serials: Collection[str]) -> int:
         """Close every live connection whose certificate is now revoked."""
@@ -128,11 +138,30 @@ class Listener:
 
     async def handle(self, raw: trio.abc.Stream, source: str) -> None:
         """One connection, start to end; it is closed when this returns."""
+        held = self.open.get(source, 0)
+        if held >= self.max_per_source or sum(self.open.values()) >= self.max_connections:
+            self.refusals += 1
+            self._log_flood(source, held)
+            await trio.aclose_forcefully(raw)
+            return
+        self.open[source] = held + 1
         stream = trio.SSLStream(raw, self.context, server_side=True)
         try:
             await self._handle(stream, source)
         finally:
+            # (counted down before the close awaits: a cancelled close must not leak it)
+            if self.open[source] <= 1:
+                del self.open[source]
+            else:
+                self.open[source] -= 1
             await trio.aclose_forcefully(stream)
+
+    def _log_flood(self, source: str, held: int) -> None:
+        now = trio.current_time()
+        if now - self._logged.get(source, -REFUSAL_LOG_EVERY) >= REFUSAL_LOG_EVERY:
+            self._logged[source] = now
+            log.warning("agent connections from %s: %d open already, more are closed at once",
+                        source, held)  # fmt: skip
 
     async def _handle(self, stream: trio.SSLStream, source: str) -> None:
         conn = wire.Connection("controller")
@@ -199,6 +228,7 @@ class Listener:
             if push is not None:
                 sent, config = push
                 await talk.send(wire.Config(version=sent, config=config))
+                book.pushed(peer.fqdn, sent)
                 log.info("agent %s: configuration %d pushed", peer.fqdn, sent)
             await book.changed(peer.fqdn)
 

@@ -12,7 +12,9 @@ and then connects with the certificate it got.
 - vm3 presenting vm1's (valid) certificate is refused: the certificate names
   a machine that does not hold vm3's address;
 - the same token used again is refused; a token for the other rule is refused;
-- without a certificate, anything but enrollment is refused.
+- without a certificate, anything but enrollment is refused;
+- vm2 runs the real agent (agents/): a configuration it cannot apply is
+  NACKed with its reason, and not pushed again.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from typing import Any
 
 import pytest
 
-from controller.lab import controllerproc, netns, processes
+from controller.lab import agent as agent_lab
+from controller.lab import controllerproc, netns, processes, vm
 from controller.lab.rundir import Lab
+from controller.lab.topology import VPN_WAN
 from controller.lab.wait import wait_for
 
 pytestmark = pytest.mark.lab
@@ -110,3 +114,46 @@ def test_tokens_are_for_one_use_and_one_rule(agents_lab: Lab) -> None:
 def test_without_a_certificate_only_enrollment(agents_lab: Lab) -> None:
     got = agent(agents_lab, 1, "hello")
     assert not got["ok"] and "only enroll" in got["error"], got
+
+
+def test_an_unappliable_configuration_is_nacked_and_not_pushed_again(agents_lab: Lab) -> None:
+    """vm2 runs the real agent; its VM has IPv6 switched off, and the policy
+    then gives its domain IPv6: the agent cannot add its address, rolls back,
+    NACKs with the reason, and keeps working on the previous configuration.
+    The controller does not push that version again, not even to the agent's
+    next connection; a changed policy (the control) is pushed and applied."""
+    lab = agents_lab
+    machine = agent_lab.enroll(lab, 2)
+    name = machine["name"]
+    first = agent_lab.wait_applied(lab, 2)
+    agent_lab.take_over(lab, 2)
+    netns.run(lab.vm_ns(2), ["sysctl", "-q", "-w", "net.ipv6.conf.eth0.disable_ipv6=1"])
+    policy = lab.policy_path.read_text()
+    with_ipv6 = policy.replace("[domains.y]\n", "[domains.y]\nipv6 = true\n", 1)
+    assert controllerproc.reload(lab, with_ipv6) == "applying"
+
+    def seen() -> dict:
+        return {a["name"]: a for a in controllerproc.reply(lab)["agents"]}[name]
+
+    wait_for(lambda: (seen()["last_nack"] or {}).get("version") == first + 1, 20,
+             "the agent's NACK of the IPv6 configuration")  # fmt: skip
+    status = seen()
+    assert status["applied"] == first and not status["in_sync"], status
+    assert "fd" in status["last_nack"]["reason"], status  # it names the address it could not add
+    assert agent_lab.applied_version(lab, 2) == first
+    assert vm.whoami(lab, 2) == VPN_WAN  # working on the previous configuration
+
+    pushed = f"agent {name}: configuration {first + 1} pushed"
+    assert lab.controller_log.read_text().count(pushed) == 1
+    since = status["since"]
+    agent_lab.stop(lab, 2)
+    agent_lab.start(lab, 2, machine["agent_server"])
+    wait_for(lambda: seen()["connected"] and seen().get("since", since) > since
+             and seen()["looked"], 30, "the agent's next connection, past its hello")  # fmt: skip
+    assert seen()["pushed"] is None, seen()  # nothing pushed on it: not that version again
+    assert lab.controller_log.read_text().count(pushed) == 1
+
+    assert controllerproc.reload(lab, policy) == "applying"  # the control: a change is pushed
+    wait_for(lambda: seen()["applied"] == first + 2 == seen()["version"], 20,
+             "the changed configuration applied")  # fmt: skip
+    assert vm.whoami(lab, 2) == VPN_WAN

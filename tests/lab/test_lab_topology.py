@@ -571,17 +571,31 @@ def test_demo_all_expectations_hold() -> None:
     assert all(r.ok for r in rows)
     assert rows[0].isolation == "vm2 blocked, vm3 ok, vm4 blocked"
     cells = table_rows(rows)
-    assert cells[0] == ("VM", "MAC", "rule", "name", "address", "echo", "isolation", "result")
-    assert cells[1][:6] == (
+    assert cells[0] == (
+        "VM", "MAC", "rule", "name", "address", "agent", "echo", "isolation", "result"
+    )  # fmt: skip
+    assert cells[1][:7] == (
         "vm1",
         "52:54:00:d0:00:01",
         "odd",
         "web1.x.internal",
         "10.10.0.1",
+        "-",
         "198.51.100.2",
     )
-    assert cells[1][7] == "PASS"
+    assert cells[1][8] == "PASS"
     assert render(rows).endswith("4/4 VMs as expected: PASS")
+
+
+def test_demo_shows_each_agent_and_flags_one_out_of_step() -> None:
+    synced = {"connected": True, "in_sync": True, "applied": 2, "version": 2, "last_nack": None}
+    refused = {**synced, "in_sync": False, "version": 3, "last_nack": {"version": 3}}
+    down = {**synced, "connected": False}
+    rows = evaluate([observation(1, 3, agent=synced), observation(2, 3, agent=refused),
+                     observation(3, 3, agent=down)])  # fmt: skip
+    assert [r.agent for r in rows] == ["v2", "v2 (v3 refused)", "v2 (down)"]
+    assert [r.ok for r in rows] == [True, False, False]
+    assert "agent v2 (v3 refused)" in rows[1].problems
 
 
 def test_demo_hub_vms_lease_their_hub_address() -> None:

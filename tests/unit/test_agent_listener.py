@@ -334,3 +334,30 @@ async def test_enrollment_refused(site: Site, case: str) -> None:
     assert errors and says in errors[0].reason, client.seen  # type: ignore[attr-defined]
     assert not [e for e in client.seen if isinstance(e, wire.Enrolled)]  # type: ignore[attr-defined]
     assert keys == [] and listener.refusals == 1
+
+
+async def test_a_source_holding_connections_open_gets_no_more(
+    site: Site, autojump_clock: object
+) -> None:
+    """A VM that opens connections and never handshakes holds at most
+    MAX_PER_SOURCE of them (each for the handshake timeout); the next is
+    closed at once, and another machine is answered meanwhile (the control)."""
+    listener = site.listener()
+    held: list[trio.StapledStream] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(listener.max_per_source):
+            server_end, client_end = trio.testing.memory_stream_pair()
+            held.append(client_end)
+            nursery.start_soon(listener.handle, server_end, "10.10.0.6")
+        await trio.testing.wait_all_tasks_blocked()
+        assert listener.open == {"10.10.0.6": listener.max_per_source}
+        server_end, client_end = trio.testing.memory_stream_pair()
+        with trio.fail_after(0.1):  # closed before any handshake
+            await listener.handle(server_end, "10.10.0.6")
+            assert await client_end.receive_some(1) == b""
+        assert listener.refusals == 1
+        cert, _ = site.agent("web1", *WEB1)
+        seen = await conversation(listener, site.client(cert), "10.10.0.5")
+        assert [type(e) for e in seen] == [wire.Hello, wire.Heartbeat], seen
+    # the held ones ran out their handshake timeout, and nothing is left counted
+    assert listener.open == {} and listener.refusals == 1 + listener.max_per_source
