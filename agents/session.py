@@ -28,7 +28,7 @@ import logging
 import random
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -112,6 +112,8 @@ class Agent:
     port: int = PORT
     server_name: str | None = None  # the name or address in dom0's certificate (default: server)
     local_address: str | None = None  # the source address to connect from (default: the kernel's)
+    # how a connection is opened: TCP by default (a test gives an in-memory link)
+    open_stream: Callable[[str, int, str | None], Awaitable[trio.abc.Stream]] | None = None
     heartbeat: float = HEARTBEAT
     idle: float = IDLE
     rng: random.Random = field(default_factory=random.SystemRandom)
@@ -205,8 +207,11 @@ class Agent:
         ctx = tls_client(self.root, client_cert=client_cert)
         name = self.server_name or self.server
         with trio.fail_after(CONNECT_TIMEOUT):
-            tcp = await trio.open_tcp_stream(self.server, self.port,
-                                             local_address=self.local_address)  # fmt: skip
+            if self.open_stream is not None:
+                tcp = await self.open_stream(self.server, self.port, self.local_address)
+            else:
+                tcp = await trio.open_tcp_stream(self.server, self.port,
+                                                 local_address=self.local_address)  # fmt: skip
             stream = trio.SSLStream(tcp, ctx, server_hostname=name)
             try:
                 await stream.do_handshake()

@@ -29,6 +29,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -112,6 +113,7 @@ class Controller:
         )
         self.last_policy_error: str | None = None
         self.agent_listener: object | None = None  # (once dom0 has a CA)
+        self.enrollment: Any = None  # controller/pki/enroll.py's, once dom0 has a CA
         self.send, self.recv = trio.open_memory_channel[Item](10_000)
 
     # -- tasks -------------------------------------------------------------------
@@ -297,8 +299,14 @@ class Controller:
             return
         log.info("agents: server certificate serial %s", server.serial)
         enrollment = Enrollment(
-            authority, tokens, rec.holder, lambda: datetime.now(UTC), self._agent_key
+            authority,
+            tokens,
+            rec.holder,
+            lambda: datetime.now(UTC),
+            self._agent_key,
+            hours=rec.policy.agent_certificate_seconds / 3600,
         )
+        self.enrollment = enrollment
         listener = Listener(
             server_context(bundle, authority.dir / ca.SERVER_PEM),
             rec.holder,
@@ -381,6 +389,8 @@ class Controller:
             return
         log.info("policy reload (%s): applying %s", why, self.policy_path)
         self.reconciler.set_policy(policy)
+        if self.enrollment is not None:  # (certificates issued from now on)
+            self.enrollment.hours = policy.agent_certificate_seconds / 3600
 
     async def _watch_policy(self) -> None:
         while True:

@@ -89,6 +89,9 @@ def parse_policy(data: bytes, name: str) -> Policy:
     return v.policy_of(v.read_bytes(data))
 
 
+MAX_AGENT_CERTIFICATE = 30 * 86400  # seconds: [agents] certificate_life at most
+
+
 def parse_duration(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
@@ -197,6 +200,7 @@ class _Validator(Checker):
                 "quarantine",
                 "limits",
                 "publish",
+                "agents",
             ],
         )
         site = self.table(raw, "site", "", ["tld", "release_after", "ula"])
@@ -240,6 +244,14 @@ class _Validator(Checker):
         dhcp_t = self.table(raw, "dhcp", "", ["lease_time", "log"])
         lease = self.duration(dhcp_t, "lease_time", "dhcp", "1h", 120)
         dhcp_log = self.string(dhcp_t, "log", "dhcp", "transactions")
+        agents_t = self.table(raw, "agents", "", ["certificate_life"])
+        cert_life = self.duration(agents_t, "certificate_life", "agents", "24h", 600)
+        if cert_life > MAX_AGENT_CERTIFICATE:
+            self.bad(
+                "agents.certificate_life",
+                f"{agents_t['certificate_life']!r} is too long, expected at most 30d "
+                "(a stolen certificate is good until it expires or is revoked)",
+            )
         if isinstance(dhcp_log, str) and dhcp_log not in DHCP_LOG:
             self.bad(
                 "dhcp.log",
@@ -279,6 +291,7 @@ class _Validator(Checker):
             max_machines_per_port=per_port,
             limits=limits,
             publish=published,
+            agent_certificate_seconds=cert_life,
         )
 
     def allow_lists(

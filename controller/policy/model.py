@@ -261,6 +261,7 @@ class Policy:
     # domain -> every address pinned in it (rules' `address`/`pins`): no one else's
     pinned: Mapping[str, frozenset[str]] = field(default_factory=dict)
     publish: tuple[Publish, ...] = ()  # ports offered to the outside
+    agent_certificate_seconds: int = 86400  # [agents] certificate_life: agents renew at half
 
     @property
     def grants(self) -> tuple[Grant, ...]:

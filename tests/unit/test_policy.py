@@ -600,3 +600,19 @@ def test_a_trailing_newline_is_not_part_of_a_valid_name() -> None:
     bad_if = BASE.replace('name = "virbr0"', 'name = "virbr0\\n"', 1)
     assert bad_if != BASE
     assert any("bridge.name" in p for p in problems(bad_if)), problems(bad_if)
+
+
+@pytest.mark.parametrize(
+    ("life", "expected"),
+    [
+        ('"5m"', "p.toml: agents.certificate_life: '5m' is too short"),
+        ('"31d"', "p.toml: agents.certificate_life: '31d' is too long, expected at most 30d"),
+        ('"soon"', "p.toml: agents.certificate_life: 'soon' is not a duration"),
+    ],
+)
+def test_agent_certificate_life(life: str, expected: str) -> None:
+    out = problems(BASE + f"\n[agents]\ncertificate_life = {life}\n")
+    assert len(out) == 1 and out[0].startswith(expected), out
+    good = parse_policy((BASE + '\n[agents]\ncertificate_life = "12h"\n').encode(), "p.toml")
+    assert good.agent_certificate_seconds == 12 * 3600
+    assert parse_policy(BASE.encode(), "p.toml").agent_certificate_seconds == 86400
