@@ -225,12 +225,15 @@ class Listener:
         sent = 0
         while True:
             push = book.next_push(peer.fqdn, sent)
-            if push is not None:
-                sent, config = push
-                await talk.send(wire.Config(version=sent, config=config))
-                book.pushed(peer.fqdn, sent)
-                log.info("agent %s: configuration %d pushed", peer.fqdn, sent)
-            await book.changed(peer.fqdn)
+            if push is None:
+                # (no await between the look and the wait: a change cannot slip in)
+                await book.changed(peer.fqdn)
+                continue
+            sent, config = push
+            # a change made while this is sent finds no waiter: the loop looks again
+            await talk.send(wire.Config(version=sent, config=config))
+            book.pushed(peer.fqdn, sent)
+            log.info("agent %s: configuration %d pushed", peer.fqdn, sent)
 
     async def _receive(self, talk: _Talk, peer: Peer) -> None:
         conn = talk.conn

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.lowlevel
 import trio.testing
 from cryptography.hazmat.primitives import serialization
 
@@ -150,3 +151,23 @@ async def test_the_certificate_is_renewed_at_half_its_life(tmp_path: Path) -> No
 
     who = issue.agent_identity(x509.load_pem_x509_certificate(cert))
     assert who.fqdn == NAME  # the same machine and slot, for the same key
+
+
+async def test_a_change_made_while_one_is_being_sent_is_pushed_too(tmp_path: Path) -> None:
+    """Two changes in a row, the second while the first is on its way: the
+    agent ends on the second (a lost wake-up once left it one behind)."""
+    site = Site(tmp_path)
+    async with trio.open_nursery() as nursery:
+        site.nursery = nursery
+        nursery.start_soon(site.agent(Applier()).session)
+        await until(lambda: site.book.records.get(NAME) and site.book.records[NAME].acked == 1)
+        for trial in range(20):
+            site.gateway_of_route = f"10.10.0.{100 + trial}"
+            site.book.refresh()
+            for _ in range(trial % 5):  # let the pusher get into its send
+                await trio.lowlevel.checkpoint()
+            site.gateway_of_route = f"10.10.0.{200 + trial}"
+            site.book.refresh()
+            want = site.book.records[NAME].version
+            await until(lambda: site.book.records[NAME].acked == want, 5)  # noqa: B023
+        nursery.cancel_scope.cancel()
