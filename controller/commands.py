@@ -295,3 +295,22 @@ def _bench(sub: argparse._SubParsersAction) -> None:
         return wg_bench(args)
 
     w.set_defaults(handler=wg_handler)
+
+    pu = bsub.add_parser(
+        "push", help="a change to every machine -> last agent ACK; enrollment; memory"
+    )
+    pu.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pu.add_argument(
+        "--agents", default="10,50,200", help="agent counts, comma-separated (each 1..200)"
+    )
+    pu.add_argument(
+        "--changes", type=int, default=100, help="changes measured per agent count (p99: 100+)"
+    )
+    pu.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
+
+    def push_handler(args: argparse.Namespace) -> int:
+        from controller.bench.push import bench_command as push_bench
+
+        return push_bench(args)
+
+    pu.set_defaults(handler=push_handler)

@@ -102,3 +102,43 @@ def test_bench_reconcile_tiny(tmp_path: Path) -> None:
 def _namespaces() -> list[str]:
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in listed.splitlines() if line.strip()]
+
+
+@pytest.mark.lab
+@pytest.mark.skipif(os.geteuid() != 0, reason="the bench builds a network namespace: root only")
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs ip")
+def test_bench_push_tiny() -> None:
+    """`dom0 bench push` at 2 and 3 agents, 3 changes each: the shape of its
+    answer (sample counts, no p99 below 100 samples, memory), and its
+    namespace gone afterwards."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controller.cli", "bench", "push", "--agents", "2,3",
+         "--changes", "3", "--json"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    left = [n for n in _namespaces() if n.startswith(f"dom0bp-{proc.pid}-")]
+    assert not left, f"the bench left namespaces behind: {left}"
+
+    r = json.loads(stdout)
+    assert r["benchmark"] == "push" and r["changes"] == 3
+    assert {"cpu", "cores", "kernel", "python", "openssl"} <= set(r["machine"])
+    assert tuple(r["agents"]) == ("2", "3")
+    for n, s in r["agents"].items():
+        push = s["change_to_last_ack"]
+        assert push["runs"] == 3 and "p99_ms" not in push and s["refresh"]["runs"] == 3
+        assert push["min_ms"] <= push["median_ms"] <= push["max_ms"]
+        assert s["enroll_one_agent"]["runs"] == int(n)
+        rss = s["controller_rss_mb"]
+        assert rss["before_agents"] > 0 and rss["agents_connected"] > 0
+        assert set(s["cpu_ms_per_change"]) == {"controller", "agents_process"}
+    assert r["enroll_one_agent"]["runs"] == 2 + 3 + 1  # (and the single agent's)
+    assert r["single_agent"]["change_to_last_ack"]["runs"] == 3
+    assert r["agent_rss_mb"]["in_sync"] > 0 and r["agent_rss_mb"]["after_changes"] > 0
+    assert r["target"]["agents"] == 3 and r["target"]["met"] is None  # (judged at 200 only)
