@@ -4,7 +4,8 @@ Lab tests build everything in namespaces of their own; this checks, once for
 the whole session, that nothing leaked into the root namespace: none of the
 namespaces the suite created is left behind (each creation is noted in a
 registry file, `controller.lab.netns.REGISTRY`, which child processes
-inherit), and routes, rules, links, addresses and nftables are unchanged.
+inherit), and routes, rules, links, addresses and nftables are unchanged, and
+so are the host's /etc/resolv.conf and hostname.
 Namespaces that other processes on the machine create or delete meanwhile are
 none of the suite's business and are not compared."""
 
@@ -18,6 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        return f"({e.strerror})"
 
 
 def _root_state() -> dict[str, object]:
@@ -40,6 +48,10 @@ def _root_state() -> dict[str, object]:
         "addr": out(["ip", "-br", "addr"]),
         "links": links(),
         "ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text(),
+        # the host's files a guest's DHCP client would write if a lab let it
+        # (a VM namespace shares the file system and the hostname with the host)
+        "resolv.conf": _read("/etc/resolv.conf"),
+        "hostname": _read("/etc/hostname") + "|" + os.uname().nodename,
     }
     if shutil.which("nft"):
         state["nft"] = out(["nft", "list", "ruleset"])

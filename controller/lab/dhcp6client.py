@@ -20,10 +20,15 @@ from controller.lab.rundir import Lab, LabError
 from controller.lab.topology import VM_IF
 from controller.lab.wait import wait_for
 
-CONF = "ipv6only\nduid ll\n"
+# No hook runs (`-c /bin/true`, and none named here either): dhcpcd's stock
+# hooks write /etc/resolv.conf and set the hostname, and a VM namespace shares
+# both with the host. Its /etc/resolv.conf is also a lab file bind-mounted in
+# its private mount namespace, so that no dhcpcd can ever write the host's.
+CONF = "ipv6only\nduid ll\nnohook resolv.conf, hostname\n"
 _START = (
     "mkdir -p /run/dhcpcd /var/lib/dhcpcd && mount -t tmpfs tmpfs /run/dhcpcd && "
-    'mount -t tmpfs tmpfs /var/lib/dhcpcd && exec dhcpcd -B -6 -f "$1" "$2"'
+    'mount -t tmpfs tmpfs /var/lib/dhcpcd && mount --bind "$3" /etc/resolv.conf && '
+    'exec dhcpcd -B -6 -c /bin/true -f "$1" "$2"'
 )
 
 
@@ -35,8 +40,11 @@ def start(lab: Lab, index: int) -> processes.ProcId:
     conf = lab.root / "dhcpcd6.conf"
     if not conf.exists():
         conf.write_text(CONF)
+    resolv = lab.root / f"resolv-vm{index}.conf"
+    resolv.touch()
     ns = lab.vm_ns(index)
-    argv = netns.exec_argv(ns, ["unshare", "-m", "sh", "-c", _START, "dhcpcd6", str(conf), VM_IF])
+    inner = ["unshare", "-m", "--propagation", "private", "sh", "-c", _START, "dhcpcd6"]
+    argv = netns.exec_argv(ns, [*inner, str(conf), VM_IF, str(resolv)])
     _, proc = processes.spawn(argv, log=lab.logs_dir / f"dhcp6-vm{index}.log")
     lab.record_process(role(index), proc, ns, argv)
     return proc

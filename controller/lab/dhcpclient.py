@@ -130,9 +130,12 @@ option domain_name_servers, domain_name, host_name, routers
 
 # dhcpcd keeps its pid and lease files in /run/dhcpcd and /var/lib/dhcpcd: in
 # a private mount namespace with a tmpfs over each, every VM has its own.
+# Its hook is ours (-c), and /etc/resolv.conf is a lab file bind-mounted over
+# the host's in that mount namespace: no dhcpcd may write the host's DNS.
 _DHCPCD_START = (
     "mkdir -p /run/dhcpcd /var/lib/dhcpcd && mount -t tmpfs tmpfs /run/dhcpcd && "
-    'mount -t tmpfs tmpfs /var/lib/dhcpcd && exec dhcpcd -B -4 -f "$1" -c "$2" "$3"'
+    'mount -t tmpfs tmpfs /var/lib/dhcpcd && mount --bind "$4" /etc/resolv.conf && '
+    'exec dhcpcd -B -4 -f "$1" -c "$2" "$3"'
 )
 
 
@@ -221,9 +224,11 @@ def dhcpcd_argv(lab: Lab, index: int) -> list[str]:
     hook, conf = _dhcpcd_hook(lab, index), _dhcpcd_conf(lab)
     hook.write_text(DHCPCD_SCRIPT.replace("@LEASE_FILE@", str(lab.lease_path(index))))
     hook.chmod(0o755)
+    resolv = hook.with_name(f"resolv-vm{index}.conf")
+    resolv.touch()
     return [
         "unshare", "--mount", "--propagation", "private", "--",
-        "sh", "-c", _DHCPCD_START, "dhcpcd-lab", str(conf), str(hook), VM_IF,
+        "sh", "-c", _DHCPCD_START, "dhcpcd-lab", str(conf), str(hook), VM_IF, str(resolv),
     ]  # fmt: skip
 
 
