@@ -13,7 +13,10 @@ Per connection, in this order, and nothing is granted before all of it holds:
    connection's source address now (the bridge binds an address to its
    port and MAC, so a certificate copied to another VM is refused there).
 3. The protocol: both hellos, then the agent's messages. A protocol error
-   is answered with an Error frame and the connection closed.
+   is answered with an Error frame and the connection closed; so is an
+   agent that sends more than MESSAGE_RATE messages a second (beyond a
+   burst of MESSAGE_BURST), or that asks for a renewal again within
+   RENEW_EVERY. A status report larger than MAX_REPORT is kept as its size.
 
 A live connection whose certificate is revoked is closed by
 `Listener.revoked`, which the controller calls whenever the store's
@@ -24,11 +27,13 @@ revoke` is another process).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import ssl
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 from cryptography import x509
@@ -50,6 +55,19 @@ READ_SIZE = 65536
 MAX_PER_SOURCE = 4
 MAX_CONNECTIONS = 4096  # over every source: the controller's own file descriptors
 REFUSAL_LOG_EVERY = 10.0  # seconds: one log line per source and period for refused floods
+# An agent sends a heartbeat every 30 s and a status, an ack or a nack now and
+# then: a connection that sends more is a tenant spending the controller's CPU.
+MESSAGE_RATE = 20.0  # messages per second, sustained, per connection
+MESSAGE_BURST = 100  # messages at once (a full bucket)
+# Each renewal signs a certificate and writes it to the store; an agent renews
+# at half its certificate's life, hours apart. Per machine, not per connection:
+# a reconnect must not start the count again.
+RENEW_EVERY = 60.0  # seconds
+RENEWALS_KEPT = MAX_CONNECTIONS  # machines remembered; past it, those outside the window go
+# A report is kept in memory and shown by `dom0 status`, for every machine;
+# the frame's own bound (MAX_FRAME, 1 MiB) would let one tenant fill that.
+# (253 containers, the most an agent reports, fit)
+MAX_REPORT = 65536  # bytes of a status report's JSON (sorted keys, compact, ASCII)
 
 
 class Refused(Exception):
@@ -104,6 +122,26 @@ def identify(der: bytes | None, source: str, revoked: Collection[str], holder: H
     return Peer(who.fqdn, slot, serial, source)
 
 
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """A connection's token bucket: `tokens` left at time `at` (trio's clock)."""
+
+    tokens: float
+    at: float
+
+    def take(self, now: float, rate: float, burst: float) -> Bucket | None:
+        """The bucket after one more message at `now`, or None: it is empty."""
+        tokens = min(burst, self.tokens + (now - self.at) * rate)
+        return Bucket(tokens - 1, now) if tokens >= 1 else None
+
+
+def kept_report(report: dict[str, Any], limit: int) -> dict[str, Any]:
+    """The report itself, or, if its JSON is larger than `limit` bytes, its size only
+    (json.dumps' ASCII: a non-ASCII character counts as its escape, not its UTF-8)."""
+    size = len(json.dumps(report, sort_keys=True, separators=(",", ":")).encode())
+    return report if size <= limit else {"truncated": True, "bytes": size}
+
+
 @dataclass
 class Listener:
     """The live agent connections, by certificate serial."""
@@ -124,7 +162,15 @@ class Listener:
     max_per_source: int = MAX_PER_SOURCE
     max_connections: int = MAX_CONNECTIONS
     open: dict[str, int] = field(default_factory=dict)  # source -> its connections now
+    message_rate: float = MESSAGE_RATE
+    message_burst: int = MESSAGE_BURST
+    renew_every: float = RENEW_EVERY
+    max_report: int = MAX_REPORT
+    # conversations closed for going too fast (messages or renewals); not in
+    # `refusals`, which counts connections that got no conversation at all
+    throttled: int = 0
     _logged: dict[str, float] = field(default_factory=dict)
+    _renewed: dict[str, float] = field(default_factory=dict)  # fqdn -> when it last asked
 
     def revoked(self, serials: Collection[str]) -> int:
         """Close every live connection whose certificate is now revoked."""
@@ -196,7 +242,7 @@ class Listener:
                 self.live.pop(peer.serial, None)
 
     async def _converse(self, stream: trio.SSLStream, conn: wire.Connection, peer: Peer) -> None:
-        talk = _Talk(stream, conn)
+        talk = _Talk(stream, conn, Bucket(self.message_burst, trio.current_time()))
         await talk.send(wire.Hello(version=wire.PROTOCOL_VERSION, role="controller",
                                    agent=peer.fqdn))  # fmt: skip
         if self.book is not None:
@@ -255,7 +301,8 @@ class Listener:
                     assert not isinstance(event, wire.Signal)
                     if conn.state is wire.State.READY:
                         talk.ready.set()
-                    reply = self._answer(event, peer)
+                    self._draw(talk)
+                    reply = self._answer(event, peer, talk)
                     if reply is not None:
                         await talk.send(reply)
             except wire.ProtocolError as e:
@@ -311,7 +358,15 @@ class Listener:
             except (trio.BrokenResourceError, ssl.SSLError):
                 return
 
-    def _answer(self, event: wire.Message, peer: Peer) -> wire.Message | None:
+    def _draw(self, talk: _Talk) -> None:
+        """One message's token from the connection's bucket, or Refused."""
+        bucket = talk.bucket.take(trio.current_time(), self.message_rate, self.message_burst)
+        if bucket is None:
+            self.throttled += 1
+            raise Refused(f"more than {self.message_rate:g} messages per second")
+        talk.bucket = bucket
+
+    def _answer(self, event: wire.Message, peer: Peer, talk: _Talk) -> wire.Message | None:
         book = self.book
         if book is not None:
             book.seen(peer.fqdn)
@@ -330,23 +385,46 @@ class Listener:
                 book.nack(peer.fqdn, event.version, event.error)
         elif isinstance(event, wire.Status):
             if book is not None:
-                book.status(peer.fqdn, event.version_applied, event.report)
+                book.status(peer.fqdn, event.version_applied, self._report(event, peer, talk))
         elif isinstance(event, wire.Renew):
             if self.renew is None:
                 raise Refused("renewal is not possible here: enroll again")
+            self._renewal(peer)
             return self.renew(event, peer)
         return None
+
+    def _report(self, event: wire.Status, peer: Peer, talk: _Talk) -> dict[str, Any]:
+        kept = kept_report(event.report, self.max_report)
+        if kept is not event.report and not talk.oversized:
+            talk.oversized = True
+            log.warning("agent %s: status report of %d bytes, more than %d: only its size is kept",
+                        peer.fqdn, kept["bytes"], self.max_report)  # fmt: skip
+        return kept
+
+    def _renewal(self, peer: Peer) -> None:
+        """Refused if the machine asked within renew_every; else the time is noted."""
+        now = trio.current_time()
+        last = self._renewed.get(peer.fqdn)
+        if last is not None and now - last < self.renew_every:
+            self.throttled += 1
+            raise Refused(f"renewal asked again within {self.renew_every:g} s")
+        if len(self._renewed) >= RENEWALS_KEPT:
+            # (what is left are machines that asked within the window: at most one each)
+            self._renewed = {k: t for k, t in self._renewed.items() if now - t < self.renew_every}
+        self._renewed[peer.fqdn] = now
 
 
 class _Talk:
     """One connection's stream and protocol state; sends are one at a time
     (trio allows a single send_all on a stream at once)."""
 
-    def __init__(self, stream: trio.SSLStream, conn: wire.Connection) -> None:
+    def __init__(self, stream: trio.SSLStream, conn: wire.Connection, bucket: Bucket) -> None:
         self.stream = stream
         self.conn = conn
         self.lock = trio.Lock()
         self.ready = trio.Event()  # both hellos are through
+        self.bucket = bucket  # what the agent may still send (Listener._draw)
+        self.oversized = False  # a too large report was logged already
 
     async def send(self, message: wire.Message) -> None:
         async with self.lock:

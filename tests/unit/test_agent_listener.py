@@ -7,12 +7,19 @@ its certificate is revoked); a valid certificate from another machine's
 address; a TLS 1.2 client; a client that never completes its handshake. The
 control: the right certificate from its own machine's address gets the
 controller's hello and an answer to its heartbeat.
+
+Bounded, each against a control with the bound off or raised: an agent that
+sends too fast, or renews twice within a minute, is told why and closed; a
+status report too large is kept as its size only.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import sqlite3
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,7 +33,19 @@ from cryptography.x509.oid import NameOID
 
 from common import wire
 from controller.pki import ca, issue
-from controller.sources.agents import Listener, Refused, identify, server_context
+from controller.sources import agents
+from controller.sources.agentbook import ConfigBook
+from controller.sources.agents import (
+    MAX_REPORT,
+    MESSAGE_BURST,
+    Bucket,
+    Listener,
+    Peer,
+    Refused,
+    identify,
+    kept_report,
+    server_context,
+)
 from controller.store import Store
 
 SERVER_NAME = "dom0.internal"
@@ -361,3 +380,220 @@ async def test_a_source_holding_connections_open_gets_no_more(
         assert [type(e) for e in seen] == [wire.Hello, wire.Heartbeat], seen
     # the held ones ran out their handshake timeout, and nothing is left counted
     assert listener.open == {} and listener.refusals == 1 + listener.max_per_source
+
+
+# ---- bounds on what an enrolled agent may ask: how fast, how often, how much ---------------
+
+
+class Script:
+    """The agent's side of a conversation, step by step: `seen` is what it received."""
+
+    def __init__(self, stream: trio.SSLStream, conn: wire.Connection) -> None:
+        self.stream, self.conn = stream, conn
+        self.seen: list[wire.Message] = []
+        self.ended = False  # the controller closed the connection
+
+    async def send(self, *messages: wire.Message) -> None:
+        await self.stream.send_all(b"".join(self.conn.send(m) for m in messages))
+
+    def count(self, kind: type) -> int:
+        return sum(isinstance(e, kind) for e in self.seen)
+
+    def reasons(self) -> list[str]:
+        return [e.reason for e in self.seen if isinstance(e, wire.Error)]
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        """Read until done() or the end of the stream (after an Error, only the end)."""
+        while not done() and not self.ended:
+            try:
+                data = bytes(await self.stream.receive_some(65536))
+            except trio.BrokenResourceError:
+                data = b""
+            self.conn.receive_data(data)
+            while (e := self.conn.next_event()) not in (wire.NEED_DATA, wire.CLOSED):
+                self.seen.append(e)
+            self.ended = not data
+
+
+async def scripted(
+    listener: Listener, ctx: ssl.SSLContext, steps: Callable[[Script], Awaitable[None]]
+) -> Script:
+    """One conversation from web1's address: both hellos, then `steps`."""
+    scripts: list[Script] = []
+
+    async def client(stream: trio.SSLStream, conn: wire.Connection) -> None:
+        script = Script(stream, conn)
+        scripts.append(script)
+        await script.send(wire.Hello(version=wire.PROTOCOL_VERSION, role="agent", agent=None))
+        await script.until(lambda: script.count(wire.Hello) == 1)
+        await steps(script)
+
+    failed = await conversation(listener, ctx, "10.10.0.5", client)
+    assert not failed, failed
+    return scripts[0]
+
+
+def warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and text in r.getMessage()]  # fmt: skip
+
+
+def test_the_bucket_holds_a_burst_and_refills_at_the_rate() -> None:
+    bucket: Bucket | None = Bucket(100, 0.0)
+    for _ in range(100):
+        assert bucket is not None
+        bucket = bucket.take(0.0, 20, 100)
+    assert bucket is not None and bucket.take(0.0, 20, 100) is None  # the 101st at once
+    later = bucket.take(0.05, 20, 100)  # 1/20 s later: one more
+    assert later is not None and later.take(0.05, 20, 100) is None
+    # a long pause fills it up to the burst, not beyond
+    full: Bucket | None = bucket
+    for _ in range(100):
+        assert full is not None
+        full = full.take(1000.0, 20, 100)
+    assert full is not None and full.take(1000.0, 20, 100) is None
+
+
+@pytest.mark.parametrize("burst", [10, MESSAGE_BURST], ids=["limited", "control: raised"])
+async def test_an_agent_sending_too_fast_is_told_and_closed(
+    site: Site, autojump_clock: object, caplog: pytest.LogCaptureFixture, burst: int
+) -> None:
+    cert, _ = site.agent("web1", *WEB1)
+    listener = site.listener()
+    listener.message_burst = burst
+
+    async def flood(script: Script) -> None:
+        await script.send(*(wire.Heartbeat(seq=i) for i in range(20)))
+        await script.until(lambda: script.count(wire.Heartbeat) == 20)
+
+    # (the clock stands still while the heartbeats are in flight: nothing refills)
+    script = await scripted(listener, site.client(cert), flood)
+    if burst == 10:  # its hello and 9 heartbeats empty the bucket; the next one is refused
+        assert script.count(wire.Heartbeat) == 9 and script.ended, script.seen
+        assert script.reasons() == ["more than 20 messages per second"]
+        assert listener.throttled == 1 and len(warnings(caplog, "messages per second")) == 1
+    else:
+        assert script.count(wire.Heartbeat) == 20 and not script.reasons(), script.seen
+        assert listener.throttled == 0 and not warnings(caplog, "messages per second")
+
+
+def renewing_listener(site: Site) -> tuple[Listener, list[str]]:
+    """A listener whose `renew` records who asked and answers with a certificate."""
+    issued = site.ca.issue_agent(csr_pem(), *WEB1, site.now)
+    answer = wire.Enrolled(
+        certificate_pem=issued.certificate.public_bytes(serialization.Encoding.PEM).decode(),
+        chain_pem=issued.chain_pem.decode(),
+        ca_fingerprint=issue.fingerprint(site.ca.root),
+    )
+    asked: list[str] = []
+
+    def renew(request: wire.Renew, peer: Peer) -> wire.Enrolled:
+        asked.append(peer.fqdn)
+        return answer
+
+    listener = site.listener()
+    listener.renew = renew
+    return listener, asked
+
+
+def renewing(times: int) -> Callable[[Script], Awaitable[None]]:
+    async def steps(script: Script) -> None:
+        for n in range(1, times + 1):
+            await script.send(wire.Renew(csr_pem=csr_pem()))
+            await script.until(lambda: script.count(wire.Enrolled) == n)  # noqa: B023
+
+    return steps
+
+
+@pytest.mark.parametrize("limited", [True, False], ids=["limited", "control: no limit"])
+@pytest.mark.parametrize("reconnect", [False, True], ids=["same connection", "reconnected"])
+async def test_a_second_renewal_within_a_minute_is_refused(
+    site: Site, autojump_clock: object, reconnect: bool, limited: bool
+) -> None:
+    cert, _ = site.agent("web1", *WEB1)
+    listener, asked = renewing_listener(site)
+    if not limited:
+        listener.renew_every = 0
+    if reconnect:  # with its new certificate: the same machine, another serial
+        first = await scripted(listener, site.client(cert), renewing(1))
+        renewed, _ = site.agent("web1-renewed", *WEB1)
+        last = await scripted(listener, site.client(renewed), renewing(1))
+        enrolled = first.count(wire.Enrolled) + last.count(wire.Enrolled)
+    else:
+        last = await scripted(listener, site.client(cert), renewing(2))
+        enrolled = last.count(wire.Enrolled)
+    if limited:
+        assert last.reasons() == ["renewal asked again within 60 s"] and last.ended, last.seen
+        assert asked == [WEB1[0]] and enrolled == 1 and listener.throttled == 1
+    else:
+        assert not last.reasons() and asked == [WEB1[0]] * 2 and enrolled == 2, last.seen
+        assert listener.throttled == 0
+
+
+async def test_a_renewal_a_minute_later_is_answered(
+    site: Site, autojump_clock: trio.testing.MockClock
+) -> None:
+    cert, _ = site.agent("web1", *WEB1)
+    listener, asked = renewing_listener(site)
+    await scripted(listener, site.client(cert), renewing(1))
+    autojump_clock.jump(listener.renew_every)
+    again = await scripted(listener, site.client(cert), renewing(1))
+    assert again.count(wire.Enrolled) == 1 and not again.reasons() and asked == [WEB1[0]] * 2
+
+
+async def test_the_renewal_times_kept_stay_bounded(
+    site: Site, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agents, "RENEWALS_KEPT", 3)
+    listener = site.listener()
+
+    def peer(fqdn: str) -> Peer:
+        return Peer(fqdn, "dom0:slot/odd/1", "01", "10.10.0.5")
+
+    for name in ("m0", "m1"):
+        listener._renewal(peer(name))
+    autojump_clock.jump(30)
+    listener._renewal(peer("m2"))
+    autojump_clock.jump(30)
+    listener._renewal(peer("m3"))  # at 3 kept: m0 and m1, a minute old, are dropped
+    assert set(listener._renewed) == {"m2", "m3"}
+    listener._renewal(peer("m0"))
+    with pytest.raises(Refused, match="within 60 s"):  # the control: m2's half minute holds
+        listener._renewal(peer("m2"))
+
+
+def test_a_report_is_kept_up_to_its_bound() -> None:
+    report = {"b": [1, 2], "a": "é" * 10}
+    size = len(json.dumps(report, sort_keys=True, separators=(",", ":")).encode())
+    assert kept_report(report, size) is report
+    assert kept_report(report, size - 1) == {"truncated": True, "bytes": size}
+
+
+@pytest.mark.parametrize("limit", [MAX_REPORT, 1 << 20], ids=["capped", "control: raised"])
+async def test_a_status_report_too_large_is_kept_as_its_size(
+    site: Site, caplog: pytest.LogCaptureFixture, limit: int
+) -> None:
+    cert, _ = site.agent("web1", *WEB1)
+    listener = site.listener()
+    book = listener.book = ConfigBook(
+        sqlite3.connect(":memory:", isolation_level=None), lambda names: {}
+    )  # (no configuration to push)
+    listener.max_report = limit
+    report = {"links": [{"name": f"eth{i}", "mtu": 1500} for i in range(3000)]}
+    size = len(json.dumps(report, sort_keys=True, separators=(",", ":")))
+    assert size > MAX_REPORT
+    kept: list[object] = []
+
+    async def steps(script: Script) -> None:
+        status = wire.Status(version_applied=None, report=report)
+        await script.send(status, status, wire.Heartbeat(seq=1))
+        await script.until(lambda: script.count(wire.Heartbeat) == 1)  # both statuses are in
+        kept.append(book.live[WEB1[0]].report)
+
+    script = await scripted(listener, site.client(cert), steps)
+    assert not script.reasons(), script.seen
+    if limit == MAX_REPORT:
+        assert kept == [{"truncated": True, "bytes": size}]
+        assert len(warnings(caplog, "status report")) == 1  # once for the connection
+    else:
+        assert kept == [report] and not warnings(caplog, "status report")
