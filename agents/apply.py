@@ -7,7 +7,9 @@ with what the configuration wants (the pure functions at the top) and changes
 only the difference: a second pass with the same configuration writes
 nothing, and what a DHCP client, the kernel or an operator put there is never
 removed. The WireGuard interface is the driver's (common.wireguard), named by
-the configuration; its private key is the agent's own, root/wg.key.
+the configuration; its private key is the agent's own, root/wg.key. The
+containers' bridge, forwarding and rule are a step of the same pass
+(agents/containers.py converge), rolled back with the rest.
 
 A pass that fails converges back to the previous configuration (with none: takes
 away everything marked), so a configuration the kernel refuses leaves the machine
@@ -127,6 +129,9 @@ def _route_order(r: _Route) -> tuple[str, str, int]:
 
 def _check(config: MachineConfig) -> None:
     """What the schema allows but no pass could converge to, refused before any change."""
+    from agents import containers  # (it imports this module)
+
+    containers.check(config)
     seen: set[str] = set()
     for r in config.routes:
         if r.to in seen:  # each replace would overwrite the other, on every pass
@@ -253,6 +258,7 @@ class Applier:
     root: Path  # wg.key (0600, made if missing) and wireguard/ (userspace backend state)
     set_hostname: bool = False  # also sethostname() and /etc/hostname (not in the lab)
     prefer: str = "auto"  # WireGuard backend: "auto", "kernel" or "userspace"
+    bridge: str | None = None  # the containers' bridge (None: agents/containers.py's BRIDGE)
     _wg: Backend | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---- public API ----------------------------------------------------------------------
@@ -307,8 +313,11 @@ class Applier:
         """Make the namespace match `config` (None: nothing of the agent's). `other` is
         the configuration that may be in place instead: its tunnel goes unless `config`
         has one of the same name."""
+        from agents import containers  # (it imports this module)
+
         if config is not None:
             _check(config)
+        bridge = self.bridge or containers.BRIDGE
         keep = config.tunnel.interface if config and config.tunnel else None
         stale = other.tunnel.interface if other and other.tunnel else None
         with IPRoute() as ipr:
@@ -318,9 +327,12 @@ class Applier:
                     log.info("agent: removed tunnel %s", stale)
             links = _read_links(ipr)
             names = {link.index: link.name for link in links}  # for the error messages
+            # The bridge's address is containers.converge's: not stale here.
+            theirs = {link.index for link in links if link.name == bridge}
             if config is None:
-                self._addresses(ipr, set(), names)
+                self._addresses(ipr, set(), names, theirs)
                 self._routes(ipr, [], names)
+                containers.converge(None, bridge=bridge)
                 return
             link = self._link(ipr, links, config.mac)
             wanted = {_Address(link.index, a) for a in config.addresses}
@@ -330,8 +342,10 @@ class Applier:
                 tunnel_index = wg_link.index
                 names[wg_link.index] = wg_link.name
                 wanted.add(_Address(wg_link.index, config.tunnel.address))
-            self._addresses(ipr, wanted, names)
+            self._addresses(ipr, wanted, names, theirs)
             self._routes(ipr, _wanted_routes(config, link.index, tunnel_index), names)
+            # After the routes: the gateway of the containers' table is on-link by now.
+            containers.converge(config, bridge=bridge)
             if config.tunnel is not None:
                 # The peer last, once the way to its endpoint is in place: its first
                 # handshake then goes out at once, not after a 5 s retry.
@@ -377,8 +391,11 @@ class Applier:
             )
             wg.replace_peers(t.interface, [peer])
 
-    def _addresses(self, ipr: IPRoute, wanted: set[_Address], names: dict[int, str]) -> None:
-        for a in _stale_addresses(wanted, _read_addresses(ipr)):
+    def _addresses(
+        self, ipr: IPRoute, wanted: set[_Address], names: dict[int, str], theirs: set[int]
+    ) -> None:
+        present = [a for a in _read_addresses(ipr) if a.index not in theirs]
+        for a in _stale_addresses(wanted, present):
             with _step(f"removing address {a.cidr} from {names.get(a.index, a.index)}"):
                 iface = ipaddress.ip_interface(a.cidr)
                 try:

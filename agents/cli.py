@@ -86,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     import trio
 
     from agents.apply import Applier
+    from agents.containers import Watcher
     from agents.files import Root
     from agents.session import Agent
 
@@ -101,7 +102,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"dom0 agent run: --root {args.root}: {e.strerror}", file=sys.stderr)
         return EXIT_USAGE
     applier = Applier(root.path, set_hostname=not args.no_set_hostname, prefer=args.wireguard)
-    agent = Agent(root, applier, args.server, args.port, server_name=args.server_name)
+    agent = Agent(root, applier, args.server, args.port, server_name=args.server_name,
+                  containers=Watcher(root.path))  # fmt: skip
     try:
         trio.run(agent.run)
     except KeyboardInterrupt:
@@ -110,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def status_of(root_dir: Path) -> dict[str, Any]:
-    from agents import identity
+    from agents import containers, identity
     from agents.files import FileError, Root
 
     root = Root(root_dir)
@@ -130,6 +132,15 @@ def status_of(root_dir: Path) -> dict[str, Any]:
         known = None
     out["config_version"] = known.version if known else None
     out["name"] = known.config.name if known else None
+    out["containers_prefix"] = known.config.containers if known else None
+    # The ledger's: the addresses the agent gave (the running agent reports the ones
+    # in place to dom0).
+    try:
+        ledger = containers.read_ledger(root.path)
+    except FileError as e:
+        out["containers_error"] = str(e)
+        ledger = {}
+    out["containers"] = containers.report_of(ledger.values(), known.config.name) if known else []
     return out
 
 
@@ -152,6 +163,12 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  configuration {out['config_version']} for {out['name']}")
     else:
         print("  no configuration yet")
+    if out["containers_prefix"]:
+        print(f"  containers in {out['containers_prefix']}: {len(out['containers'])}")
+    if out.get("containers_error"):
+        print(f"  containers: {out['containers_error']}")
+    for c in out["containers"]:
+        print(f"    {c['fqdn']}  {c['address']}  ({c['interface']})")
     return 0
 
 

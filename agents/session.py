@@ -11,6 +11,9 @@ On a connection (common/wire.py on top of trio's TLS):
   the connection.
 - its certificate is renewed (Renew with a CSR for the same key) at half its
   life, with jitter so that agents enrolled together do not renew together.
+- a container added or gone (agents/containers.py: the watcher runs in the
+  agent's nursery, for the life of the agent, and follows each configuration
+  applied) sends a fresh Status at once, its "containers" the watcher's report.
 
 Between connections it waits BACKOFF_MIN doubling to BACKOFF_MAX seconds,
 each wait drawn from 50 % to 100 % of that (full jitter): a restarted
@@ -31,7 +34,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -39,6 +42,9 @@ from agents import identity
 from agents.files import FileError, Known, Root, write_atomic
 from common import agentconfig, wire
 from common.agentconfig import MachineConfig
+
+if TYPE_CHECKING:
+    from agents.containers import Watcher
 
 log = logging.getLogger("dom0.agent")
 
@@ -48,6 +54,10 @@ IDLE = 90.0  # seconds without a frame from the controller: the connection is de
 CONNECT_TIMEOUT = 10.0  # seconds for TCP, TLS and both hellos
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
+# Seconds at least between two Status reports that container changes send: a tenant
+# making and deleting veths in a loop must not have its agent spend the controller's
+# message rate (controller/sources/agents.py closes a connection that sends too many).
+REPORT_GAP = 0.5
 READ_SIZE = 65536
 
 
@@ -123,6 +133,7 @@ class Agent:
     sessions: int = 0  # connections that got past both hellos
     # (version, reason) of the last configuration refused, for the status report
     last_nack: tuple[int, str] | None = None
+    containers: Watcher | None = None  # the VM's containers (None: not this agent's business)
     _send_lock: trio.Lock = field(default_factory=trio.Lock)
     _renewed: trio.Event = field(default_factory=trio.Event)
 
@@ -143,10 +154,23 @@ class Agent:
             log.error("last-known-good configuration %d cannot be applied: %s", known.version, e)
             return
         self.known = known
+        self._follow()
         log.info("applied the last-known-good configuration, version %d", known.version)
 
+    def _follow(self) -> None:
+        """The container watcher follows the configuration in place."""
+        if self.containers is not None and self.known is not None:
+            self.containers.configure(self.known.config)
+
     async def run(self) -> None:
-        """Forever: enroll if need be, then connect, and again after each end."""
+        """Forever: enroll if need be, then connect, and again after each end; the
+        container watcher beside it."""
+        async with trio.open_nursery() as nursery:
+            if self.containers is not None:
+                await nursery.start(self.containers.run)
+            await self._run()
+
+    async def _run(self) -> None:
         await self.start()
         attempt = 0
         while True:
@@ -266,6 +290,10 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeats, stream, conn)
                 nursery.start_soon(self._renewals, stream, conn)
+                if self.containers is not None:
+                    # (taken before _read builds the first Status: no change is missed)
+                    seen = self.containers.generation
+                    nursery.start_soon(self._container_reports, stream, conn, seen)
                 try:
                     await self._read(stream, conn)
                 finally:
@@ -310,6 +338,7 @@ class Agent:
             return
         self.known = Known(m.version, config)
         self.root.keep(self.known)
+        self._follow()
         log.info("configuration %d applied", m.version)
         await self._send(stream, conn, wire.Ack(version=m.version))
         await self._send(stream, conn, self._status())
@@ -337,6 +366,8 @@ class Agent:
                 report["applied"] = self.applier.observe(self.known.config)
             except Exception as e:  # (a report is not worth a connection)
                 report["observe_error"] = _one_line(str(e))[:200]
+        if self.containers is not None:
+            report["containers"] = self.containers.report()
         if self.last_nack is not None:
             report["last_nack"] = {"version": self.last_nack[0], "error": self.last_nack[1]}
         return wire.Status(version_applied=self.known.version if self.known else None,
@@ -348,6 +379,18 @@ class Agent:
             await trio.sleep(self.heartbeat)
             seq += 1
             await self._send(stream, conn, wire.Heartbeat(seq=seq))
+
+    async def _container_reports(
+        self, stream: trio.SSLStream, conn: wire.Connection, seen: int
+    ) -> None:
+        """A container added or gone: a fresh Status now, so dom0 learns of it (its names,
+        its route) within a pass of the watcher, not at the next configuration."""
+        assert self.containers is not None
+        while True:
+            await self.containers.wait_change(seen)
+            seen = self.containers.generation
+            await self._send(stream, conn, self._status())
+            await trio.sleep(REPORT_GAP)  # (the changes meanwhile: in the next one)
 
     async def _renewals(self, stream: trio.SSLStream, conn: wire.Connection) -> None:
         while True:

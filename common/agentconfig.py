@@ -15,7 +15,11 @@ What an agent applies, and owns from then on (agents/apply.py):
 - `tunnel`: a hub machine's WireGuard interface to dom0's hub (its private
   key is the agent's own, never in the config), the domain address on it;
 - `routes`, through the link or through the tunnel;
-- `hostname`.
+- `hostname`;
+- `containers`: the prefix dom0 delegates to this machine's containers
+  (agents/containers.py): the agent's container bridge takes its first
+  address, each container one of the rest, and what they send is routed
+  the way the machine's own traffic goes (through dom0, never on-link).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ SCHEMA: Final = 1  # the config's own version ("schema"); wire.Config.version is
 MAX_ADDRESSES: Final = 16
 MAX_ROUTES: Final = 64
 MAX_ALLOWED: Final = 16
+MIN_CONTAINERS: Final = 16  # prefix lengths of a delegated containers prefix
+MAX_CONTAINERS: Final = 30  # (a /30: the bridge's address and one container)
 
 Dev: TypeAlias = Literal["link", "tunnel"]
 
@@ -175,6 +181,7 @@ class MachineConfig:
     addresses: tuple[str, ...]
     routes: tuple[Route, ...] = ()
     tunnel: Tunnel | None = None
+    containers: str | None = None  # the delegated IPv4 prefix, e.g. 10.30.0.16/28
     schema: int = field(default=SCHEMA)
 
     def __post_init__(self) -> None:
@@ -191,6 +198,12 @@ class MachineConfig:
         _list("config.routes", list(self.routes), MAX_ROUTES)
         if any(r.dev == "tunnel" for r in self.routes) and self.tunnel is None:
             raise ConfigError("config.routes: a route through the tunnel, but no tunnel")
+        if self.containers is not None:
+            _cidr("config.containers", self.containers, host=False)
+            net = ipaddress.ip_network(self.containers)
+            _need("config.containers", net.version == 4 and MIN_CONTAINERS <= net.prefixlen
+                  <= MAX_CONTAINERS, self.containers,
+                  f"an IPv4 network of /{MIN_CONTAINERS} to /{MAX_CONTAINERS}")  # fmt: skip
 
 
 def to_wire(config: MachineConfig) -> dict[str, Any]:
@@ -213,12 +226,14 @@ def to_wire(config: MachineConfig) -> dict[str, Any]:
             "mtu": config.tunnel.mtu,
             "keepalive": config.tunnel.keepalive,
         },
+        "containers": config.containers,
     }
     parse(obj)  # what the agent will check, checked here first
     return obj
 
 
-_CONFIG_KEYS = ("schema", "name", "hostname", "mac", "addresses", "routes", "tunnel")
+_CONFIG_KEYS = ("schema", "name", "hostname", "mac", "addresses", "routes", "tunnel",
+                "containers")  # fmt: skip
 _ROUTE_KEYS = ("to", "via", "dev")
 _TUNNEL_KEYS = ("interface", "address", "peer_public_key", "endpoint", "allowed_ips", "mtu",
                 "keepalive")  # fmt: skip
@@ -254,5 +269,6 @@ def parse(obj: object) -> MachineConfig:
         addresses=tuple(addresses),
         routes=tuple(routes),
         tunnel=tunnel,
+        containers=o["containers"],
         schema=o["schema"],
     )

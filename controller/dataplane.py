@@ -28,6 +28,7 @@ from controller.core.desired import (
     HubPeer,
     HubState,
     KillSwitch,
+    Route,
     Shape,
     UplinkState,
 )
@@ -55,6 +56,8 @@ class KernelStateLike(Protocol):
 class AddressDriver(Protocol):
     def owned(self, interfaces: Iterable[str]) -> frozenset[Address]: ...
     def apply(self, add: Iterable[Address], delete: Iterable[Address]) -> None: ...
+    def owned_routes(self) -> frozenset[Route]: ...
+    def apply_routes(self, add: Iterable[Route], delete: Iterable[Route]) -> None: ...
 
 
 class HostsDriver(Protocol):
@@ -111,6 +114,7 @@ class DataPlane:
             addresses=(
                 self.addresses.owned(ifaces) if self.addresses is not None else desired.addresses
             ),
+            routes=self.addresses.owned_routes() if self.addresses is not None else desired.routes,
             dhcp=self.dhcp.observe(desired.dhcp) if self.dhcp is not None else desired.dhcp,
             hosts=self.hosts.read(),
             peers=(
@@ -164,6 +168,12 @@ class DataPlane:
                 self.addresses.apply(plan.addresses_add, plan.addresses_del)
             except Exception as e:
                 out.errors.append(("addresses", str(e)))
+        if self.addresses is not None and (plan.routes_add or plan.routes_del):
+            # (after the addresses and the hub: a route's next hop and device)
+            try:
+                self.addresses.apply_routes(plan.routes_add, plan.routes_del)
+            except Exception as e:
+                out.errors.append(("routes", str(e)))
         self._nft(plan, desired, out)
         hub = plan.hub or (desired.hub if desired is not None else None) or hub
         if self.tunnels is not None and hub is not None and (plan.peers_put or plan.peers_del):

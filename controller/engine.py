@@ -19,7 +19,6 @@ running.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -229,7 +228,6 @@ class Controller:
     def _agent_configs(self, names: Collection[str]) -> dict[str, MachineConfig | None]:
         """The configurations of these machines now (controller/core/agentconfig.py)."""
         from controller.core.agentconfig import machine_config
-        from controller.core.desired import fqdn_of
 
         rec = self.reconciler
         hub_key = None
@@ -238,11 +236,12 @@ class Controller:
                 hub_key = rec.tunnels.hub_public_key(rec.applied_policy.hub)
             except Exception as e:  # (no hub key yet: hub machines wait for it)
                 log.warning("agents: the hub's key: %s", e)
-        wanted = set(names)
-        found: dict[str, MachineConfig | None] = dict.fromkeys(wanted)
-        for a in rec.ledger.by_mac.values():
-            name = fqdn_of(rec.policy, a)
-            if name in wanted and a.mac in rec.applied:
+        found: dict[str, MachineConfig | None] = dict.fromkeys(names)
+        index = rec.named()
+        for name in found:
+            mac = index.get(name)
+            a = rec.ledger.by_mac.get(mac) if mac is not None else None
+            if a is not None and a.mac in rec.applied:
                 found[name] = machine_config(rec.policy, a, hub_key)
         return found
 
@@ -252,9 +251,10 @@ class Controller:
         if a is None or a.underlay is None:
             return  # (a machine of a bridge domain has no tunnel to dom0)
         if self.reconciler.keys.adopt(a.key_id, public_key):
-            self.reconciler.request_resync()
-            with contextlib.suppress(trio.WouldBlock):
+            try:  # (the Resync item asks the reconciler for the sync itself)
                 self.send.send_nowait(Resync(f"the agent of {fqdn} brought its own key"))
+            except trio.WouldBlock:  # a full queue: the next sync it runs is a full one
+                self.reconciler.request_resync()
 
     def _ca_warnings(self) -> list[str]:
         from controller.pki import ca

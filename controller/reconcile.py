@@ -163,6 +163,11 @@ class Reconciler:
         self.refusal_log = LogBudget(10, 60.0, clock)
         self.leased: dict[str, str] = {}
         self.dirty: set[str] = set()
+        # (the policy, the ledger and its version it was built for; the index)
+        self._named: tuple[tuple[object, Ledger, int], dict[str, str]] = (
+            (None, self.ledger, -1),
+            {},
+        )
         self.dirty_all = True  # the first reconcile is a full sync
         self.force_rebuild = False
         self.repairing = False  # the pending full sync was asked for to repair: changes are drift
@@ -188,6 +193,9 @@ class Reconciler:
             self.dirty.add(event.entry.mac)
         elif isinstance(event, inv.FdbGone):
             self.dirty.add(event.mac)
+            # the port's other MACs: one refused while this one held the port
+            # (one port, one domain; its limit) may be admitted now
+            self.dirty.update(inv.macs_on(self.tables, event.port))
         elif isinstance(event, inv.LinkUp | inv.LinkGone):
             index = event.link.index if isinstance(event, inv.LinkUp) else event.index
             self._link_changed(before.links.get(index), self.tables.links.get(index), before)
@@ -559,11 +567,22 @@ class Reconciler:
             return str(self.policy.hub.gateway)
         return str(d.gateway)
 
+    def named(self) -> Mapping[str, str]:
+        """Every machine's full name -> its MAC; built again only when the
+        ledger or the policy has changed (each sync asks it for the agents)."""
+        (policy, ledger, version), index = self._named
+        if policy is not self.policy or ledger is not self.ledger or version != ledger.version:
+            index = {fqdn_of(self.policy, a): a.mac for a in self.ledger.by_mac.values()}
+            self._named = ((self.policy, self.ledger, self.ledger.version), index)
+        return index
+
     def find(self, name: str) -> Allocation | None:
         """A machine by MAC, full name, or label when that is unambiguous."""
         wanted = name.strip().lower().rstrip(".")
         if wanted in self.ledger.by_mac:
             return self.ledger.by_mac[wanted]
+        if (mac := self.named().get(wanted)) is not None:
+            return self.ledger.by_mac.get(mac)
         found = [
             a
             for a in self.ledger.by_mac.values()

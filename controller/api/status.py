@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from common.agentconfig import MAX_CONTAINERS
+from controller.policy.model import Policy
 from controller.reconcile import Reconciler
+
+MAX_SHOWN = 1 << (32 - MAX_CONTAINERS)  # (bounded anyway by the report's size)
 
 
 def status(
@@ -43,8 +49,49 @@ def status(
             "last_error": s.last_error,
             "uptime": round(time.time() - s.started, 1),
         },
-        "machines": [m.to_json() for m in rec.machines()],
+        "machines": [
+            with_containers(m.to_json(), rec.policy, agents or ()) for m in rec.machines()
+        ],
     }
+
+
+def with_containers(
+    machine: dict[str, Any], policy: Policy, agents: Iterable[Mapping[str, object]] = ()
+) -> dict[str, Any]:
+    """A machine's row with the prefix dom0 delegates to it and the
+    containers its agent reports there. The report is the tenant's word:
+    only well-formed entries inside the prefix are shown."""
+    domain = policy.domains.get(str(machine.get("domain")))
+    prefix = domain.delegated(machine.get("address")) if domain is not None else None
+    if prefix is None:
+        return machine
+    agent = next((a for a in agents if a.get("name") == machine.get("name")), None)
+    report = agent.get("report") if agent is not None else None
+    listed = report.get("containers") if isinstance(report, Mapping) else None
+    shown: list[dict[str, str]] = []
+    for c in listed if isinstance(listed, list) else ():
+        entry = _container(c, prefix, str(machine.get("name")))
+        if entry is not None and len(shown) < MAX_SHOWN:
+            shown.append(entry)
+    return {**machine, "containers_prefix": str(prefix), "containers": shown}
+
+
+def _container(c: object, prefix: ipaddress.IPv4Network, machine: str) -> dict[str, str] | None:
+    if not isinstance(c, Mapping):
+        return None
+    name, address = c.get("name"), c.get("address")
+    if not (isinstance(name, str) and isinstance(address, str)):
+        return None
+    try:
+        ip = ipaddress.ip_interface(address).ip
+    except ValueError:
+        return None
+    if ip not in prefix:
+        return None
+    fqdn = f"{name}.{machine}"
+    if c.get("fqdn") != fqdn:  # (the names follow from the machine's: never the agent's own)
+        return None
+    return {"name": name, "address": str(ip), "fqdn": fqdn, "interface_fqdn": f"eth0.{fqdn}"}
 
 
 def format_status(reply: dict) -> str:
@@ -68,6 +115,9 @@ def format_status(reply: dict) -> str:
     lines.append("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
     for r in rows:
         lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    for m in machines:
+        for c in m.get("containers") or ():
+            lines.append(f"  container {c['fqdn']} {c['address']} (on {m.get('name')})")
     for m in machines:
         if m.get("reason"):
             lines.append(f"{m['mac']}: {m['reason']}")

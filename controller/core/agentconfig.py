@@ -10,6 +10,7 @@ of them.
 - A machine of a hub domain: its underlay address on the bridge (it reaches
   only the hub's UDP and dom0's agent listener there), and a tunnel to the
   hub with its domain address, every destination through it.
+- Either, in a domain with `containers`: the prefix delegated to it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def machine_config(
     if a.rule == QUARANTINE or domain is None or a.address is None or a.absent_since is not None:
         return None
     name = fqdn_of(policy, a)
+    delegated = domain.delegated(a.address)
+    containers = None if delegated is None else str(delegated)
     hostname = label_of(policy, a).split(".", 1)[0]
     if a.underlay is not None:
         hub = policy.hub
@@ -52,6 +55,7 @@ def machine_config(
                 mtu=hub.mtu,
                 keepalive=KEEPALIVE,
             ),
+            containers=containers,
         )
     addresses = [f"{a.address}/{domain.pool.prefixlen}"]
     routes = [Route("0.0.0.0/0", str(domain.gateway), "link")]
@@ -67,4 +71,5 @@ def machine_config(
         mac=a.mac,
         addresses=tuple(addresses),
         routes=tuple(routes),
+        containers=containers,
     )

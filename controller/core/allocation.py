@@ -118,6 +118,7 @@ class Ledger:
         # Addresses handed out last while the pool has others: those the
         # running DHCP server has read already (see drivers/dhcp.py, burnt).
         self.avoid: Set[str] = frozenset()
+        self.version = 0  # counts changes: what indexes built elsewhere are keyed on
         for a in allocations:
             self.put(a)
 
@@ -146,11 +147,13 @@ class Ledger:
         self.slots[a.rule][a.slot] = a.mac
         self.ports.setdefault(a.port, set()).add(a.mac)
         self.by_mac[a.mac] = a
+        self.version += 1
 
     def remove(self, mac: str) -> Allocation | None:
         old = self.by_mac.pop(mac, None)
         if old is not None:
             self._unindex(old)
+            self.version += 1
         return old
 
     def on_port(self, port: str) -> frozenset[str]:

@@ -25,6 +25,8 @@ from controller.policy.publish import tunnel_address
 PORT_MAC = ("bridge", "port_mac")  # ifname . ether_addr: the machine on its port
 MACS = ("bridge", "machine_macs")  # ether_addr: every admitted MAC, whatever its port
 BINDING = ("bridge", "binding")  # ifname . ether_addr . ipv4_addr: its bridge address
+# ifname . ether_addr . ipv4_addr (interval): the prefix delegated to its containers
+BINDING_NET = ("bridge", "binding_net")
 DHCP_CLIENT = ("bridge", "dhcp_client")  # ifname . ether_addr . chaddr: DHCP for itself only
 DHCP_REPLY = ("bridge", "dhcp_reply")  # ifname . chaddr: where a DHCP reply may go
 SELF4 = ("inet", "self4")  # ipv4_addr . ipv4_addr: (a, a) for each of its addresses
@@ -66,8 +68,8 @@ def twin6(group: str) -> str:
 
 
 MACHINE_SETS = (
-    PORT_MAC, MACS, BINDING, PORT_ADDR, PORT_BCAST, DHCP_CLIENT, DHCP_REPLY, SELF4,
-    BINDING6, ND_TARGET, ND_LLADDR, SELF6,
+    PORT_MAC, MACS, BINDING, BINDING_NET, PORT_ADDR, PORT_BCAST, DHCP_CLIENT, DHCP_REPLY,
+    SELF4, BINDING6, ND_TARGET, ND_LLADDR, SELF6,
 )  # fmt: skip
 # Elements the machines of one port share (the incremental path counts the
 # port's other machines in: see core.plan.plan_machines).
@@ -80,6 +82,8 @@ ALL_SETS = MACHINE_SETS + POLICY_SETS
 
 Element = tuple[str, ...]
 Address = tuple[str, str]  # (interface, "a.b.c.d/len")
+# dom0's route to a network: (network, next hop or "" for on the device, device)
+Route = tuple[str, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +250,7 @@ class PolicyState:
     dhcp: DhcpConfig
     uplink: UplinkState | None = None
     hub: HubState | None = None
+    routes: frozenset[Route] = frozenset()  # hub domains' containers pools, into the hub
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,12 +258,14 @@ class MachineState:
     elements: Mapping[tuple[str, str], frozenset[Element]]
     dhcp: DhcpHost | None
     peer: HubPeer | None = None
+    routes: frozenset[Route] = frozenset()  # its containers' prefix, via its address
 
     def to_json(self) -> dict:
         return {
             "elements": {f"{k[0]}/{k[1]}": sorted(map(list, v)) for k, v in self.elements.items()},
             "dhcp": None if self.dhcp is None else asdict(self.dhcp),
             "peer": None if self.peer is None else asdict(self.peer),
+            "routes": sorted(map(list, self.routes)),
         }
 
     @classmethod
@@ -271,6 +278,7 @@ class MachineState:
             },
             dhcp=None if v["dhcp"] is None else DhcpHost(**v["dhcp"]),
             peer=None if peer is None else HubPeer(peer["public_key"], tuple(peer["allowed_ips"])),
+            routes=frozenset((r[0], r[1], r[2]) for r in v.get("routes", ())),
         )
 
 
@@ -361,20 +369,27 @@ def allow_rules(policy: Policy) -> tuple[AllowRule, ...]:
     named = {f"{glob}.{domain}": s for s, domain, glob in groups.names}
     out: list[AllowRule] = []
     for g in policy.grants:
-        src = f"@{groups.rules[g.rule]}" if g.rule else str(policy.domains[g.domain].pool)
-        dst: str | None
+        # a domain's containers are its members too: a grant holds for both nets
+        srcs = (
+            [f"@{groups.rules[g.rule]}"]
+            if g.rule
+            else [str(n) for n in policy.domains[g.domain].nets]
+        )
+        dsts: list[str | None]
         if g.kind == "domain":
-            dst, leaves = str(policy.domains[g.to].pool), False
+            dsts, leaves = [str(n) for n in policy.domains[g.to].nets], False
         elif g.kind == "machines":
-            dst, leaves = f"@{named[g.to]}", False
+            dsts, leaves = [f"@{named[g.to]}"], False
         elif g.kind == "internet":
-            dst, leaves = None, True
+            dsts, leaves = [None], True
         else:
-            dst, leaves = g.to, True
-        if not g.ports:
-            out.append(AllowRule(g.where, src, dst, leaves))
-        for p in g.ports:
-            out.append(AllowRule(g.where, src, dst, leaves, p.proto, p.ranges))
+            dsts, leaves = [g.to], True
+        for src in srcs:
+            for dst in dsts:
+                if not g.ports:
+                    out.append(AllowRule(g.where, src, dst, leaves))
+                for p in g.ports:
+                    out.append(AllowRule(g.where, src, dst, leaves, p.proto, p.ranges))
     return tuple(out)
 
 
@@ -438,10 +453,18 @@ def machine_state(policy: Policy, a: Allocation, public_key: str | None = None) 
         # its domain's broadcasts may reach this port (and only those)
         elements[PORT_BCAST] = frozenset({(a.port, str(domain.pool.broadcast_address))})
     elements.update(_group_elements(policy, a))
+    delegated = domain.delegated(a.address) if domain is not None and a.rule != QUARANTINE else None
+    routes: frozenset[Route] = frozenset()
+    if delegated is not None and a.underlay is None and a.address is not None:
+        # its containers' packets cross the bridge from its port and MAC,
+        # and dom0 routes theirs back through it
+        elements[BINDING_NET] = frozenset({(a.port, a.mac, str(delegated))})
+        routes = frozenset({(str(delegated), a.address, policy.bridge)})
     peer = None
     if a.underlay is not None and a.address is not None and public_key is not None:
-        peer = HubPeer(public_key, (f"{a.address}/32",))
-    return MachineState(elements, dhcp, peer)
+        allowed = (f"{a.address}/32",) + (() if delegated is None else (str(delegated),))
+        peer = HubPeer(public_key, allowed)
+    return MachineState(elements, dhcp, peer, routes)
 
 
 def limited_members(policy: Policy) -> list[str]:
@@ -459,11 +482,12 @@ def limited_members(policy: Policy) -> list[str]:
 def _hairpin(policy: Policy) -> set[str]:
     """Pools that may reach the internet (whole or by some port): they may
     reach the site's published ports at their public address too."""
-    pools = {str(d.pool) for d in policy.domains.values() if d.internet}
+    pools = {str(n) for d in policy.domains.values() if d.internet for n in d.nets}
     return pools | {
-        str(policy.domains[g.domain].pool)
+        str(n)
         for g in policy.grants
         if g.kind == "internet" and g.rule is None
+        for n in policy.domains[g.domain].nets
     }
 
 
@@ -516,37 +540,44 @@ def policy_state(
                     icmp6.add((pool6, gw6))
                 else:
                     services6.add((pool6, gw6, proto, str(port)))
+    routes: set[Route] = set()
     for d in domains.values():
         pool = str(d.pool)
+        nets = [str(n) for n in d.nets]  # the pool, and its containers' pool
         gateway = f"{d.gateway}/{d.pool.prefixlen}"
         if d.hub and hub is not None:
             # The domain lives inside the tunnels: its gateway is on the hub,
             # and no DHCP range: addresses come with the tunnel configuration.
             addresses.add((hub.interface, gateway))
+            if d.containers_pool is not None:
+                # (each machine's prefix is in its peer's allowed IPs: WireGuard
+                # picks the tunnel, and refuses a source from any other)
+                routes.add((str(d.containers_pool), "", hub.interface))
         else:
             addresses.add((policy.bridge, gateway))
             dhcp_server.add((str(d.gateway),))
             ranges.append(DhcpRange(d.name, d.pool, str(d.gateway), f"{d.name}.{policy.tld}"))
             if d.members_reach:
                 peers.add((pool, pool))  # direct frames on the bridge: bridge domains only
-        if d.members_reach:
-            reach.add((pool, pool))
-        for other in d.reach:
-            reach.add((pool, str(domains[other].pool)))
-        if d.internet:
-            egress.add((pool,))
-        for name in d.services:
-            # only on the domain's own gateway: the rest of dom0 stays silent
-            for proto, port in SERVICES[name]:
-                if proto == "icmp":
-                    icmp.add((pool, str(d.gateway)))
-                else:
-                    services.add((pool, str(d.gateway), proto, str(port)))
+        for net in nets:
+            if d.members_reach:
+                reach.update((net, other) for other in nets)
+            for other in d.reach:
+                reach.update((net, str(o)) for o in domains[other].nets)
+            if d.internet:
+                egress.add((net,))
+            for name in d.services:
+                # only on the domain's own gateway: the rest of dom0 stays silent
+                for proto, port in SERVICES[name]:
+                    if proto == "icmp":
+                        icmp.add((net, str(d.gateway)))
+                    else:
+                        services.add((net, str(d.gateway), proto, str(port)))
     nat_out = set(egress)
     for g in policy.grants:
         d = domains[g.domain]
         if g.kind in ("internet", "network"):
-            nat_out.add((str(d.pool),))
+            nat_out.update((str(n),) for n in d.nets)
     if bridge_netfilter:
         # members limited to some ports still need the bridge between them
         # (the inet tables, which br_netfilter runs for bridged IPv4, limit them)
@@ -630,7 +661,7 @@ def policy_state(
         + (tuple(twin6(g) for g in groups_of(policy).sets) if ranges6 else ()),
         forwards=forwards,
         hairpin=tuple(sorted(_hairpin(policy))) if forwards else (),
-        site=tuple(str(d.pool) for d in domains.values()) if forwards else (),
+        site=tuple(str(n) for d in domains.values() for n in d.nets) if forwards else (),
         bridge_netfilter=bridge_netfilter,
         ipv6=bool(ranges6),
         egress6=bool(ranges6) and v6_out,
@@ -669,4 +700,5 @@ def policy_state(
         ),
         uplink=uplink_state,
         hub=hub_state,
+        routes=frozenset(routes),
     )

@@ -17,6 +17,7 @@ from controller.core.desired import (
     KillSwitch,
     MachineState,
     PolicyState,
+    Route,
     Shape,
     UplinkState,
 )
@@ -37,6 +38,7 @@ class Flat:
     killswitch: KillSwitch | None = None
     uplink: UplinkState | None = None
     hub: HubState | None = None
+    routes: frozenset[Route] = frozenset()  # dom0's own, in the main table
 
 
 EMPTY = Flat(None, {}, frozenset(), None, {})
@@ -53,6 +55,8 @@ class Plan:
     delete: Mapping[SetKey, frozenset[Element]] = field(default_factory=dict)
     addresses_add: frozenset[Address] = frozenset()
     addresses_del: frozenset[Address] = frozenset()
+    routes_add: frozenset[Route] = frozenset()
+    routes_del: frozenset[Route] = frozenset()
     dhcp_config: DhcpConfig | None = None  # set when dnsmasq must (re)start
     hosts_put: Mapping[str, DhcpHost] = field(default_factory=dict)
     hosts_del: frozenset[str] = frozenset()
@@ -71,6 +75,8 @@ class Plan:
             or any(self.delete.values())
             or self.addresses_add
             or self.addresses_del
+            or self.routes_add
+            or self.routes_del
             or self.dhcp_config
             or self.hosts_put
             or self.hosts_del
@@ -115,6 +121,10 @@ class Plan:
             out.append(f"address: delete {a} from {iface}")
         for iface, a in sorted(self.addresses_add):
             out.append(f"address: add {a} to {iface}")
+        for net, via, dev in sorted(self.routes_del):
+            out.append(f"route: delete {net}" + (f" via {via}" if via else "") + f" dev {dev}")
+        for net, via, dev in sorted(self.routes_add):
+            out.append(f"route: add {net}" + (f" via {via}" if via else "") + f" dev {dev}")
         if self.dhcp_config is not None:
             ranges = ", ".join(str(r.network) for r in self.dhcp_config.ranges)
             out.append(f"dhcp: (re)start dnsmasq on {self.dhcp_config.bridge} for {ranges}")
@@ -139,6 +149,8 @@ class Plan:
             "delete": sets(self.delete),
             "addresses_add": sorted(f"{a} {i}" for i, a in self.addresses_add),
             "addresses_del": sorted(f"{a} {i}" for i, a in self.addresses_del),
+            "routes_add": sorted(list(r) for r in self.routes_add),
+            "routes_del": sorted(list(r) for r in self.routes_del),
             "dhcp_restart": self.dhcp_config is not None,
             "hosts_put": {
                 m: {"address": h.address, "hostname": h.hostname, "domain": h.tag}
@@ -194,6 +206,8 @@ def plan(desired: Flat, applied: Flat) -> Plan:
         delete=delete,
         addresses_add=desired.addresses - applied.addresses,
         addresses_del=applied.addresses - desired.addresses,
+        routes_add=desired.routes - applied.routes,
+        routes_del=applied.routes - desired.routes,
         dhcp_config=desired.dhcp if desired.dhcp != applied.dhcp else None,
         hosts_put=put,
         hosts_del=gone,
@@ -229,9 +243,11 @@ def plan_machines(
     a_hosts: dict[str, DhcpHost] = {}
     d_peers: dict[str, HubPeer] = {}
     a_peers: dict[str, HubPeer] = {}
+    d_routes: set[Route] = set()
+    a_routes: set[Route] = set()
     for mac in set(desired) | set(applied):
-        _collect(desired.get(mac), d_sets, d_hosts, d_peers)
-        _collect(applied.get(mac), a_sets, a_hosts, a_peers)
+        _collect(desired.get(mac), d_sets, d_hosts, d_peers, d_routes)
+        _collect(applied.get(mac), a_sets, a_hosts, a_peers, a_routes)
     for m in context:
         for key in PORT_SETS:
             d_sets.setdefault(key, set()).update(m.elements.get(key, ()))
@@ -244,6 +260,8 @@ def plan_machines(
     return Plan(
         add=add,
         delete=delete,
+        routes_add=frozenset(d_routes - a_routes),
+        routes_del=frozenset(a_routes - d_routes),
         hosts_put=put,
         hosts_del=gone,
         peers_put=peers_put,
@@ -256,9 +274,11 @@ def _collect(
     sets: dict[SetKey, set[Element]],
     hosts: dict[str, DhcpHost],
     peers: dict[str, HubPeer],
+    routes: set[Route],
 ) -> None:
     if m is None:
         return
+    routes |= m.routes
     for key, elems in m.elements.items():
         sets.setdefault(key, set()).update(elems)
     if m.dhcp is not None:
@@ -273,9 +293,16 @@ def with_machines(base: Flat, machines: Iterable[MachineState]) -> Flat:
     acc: dict[SetKey, set[Element]] = {k: set(v) for k, v in base.sets.items()}
     hosts: dict[str, DhcpHost] = dict(base.hosts)
     peers: dict[str, HubPeer] = dict(base.peers)
+    routes: set[Route] = set(base.routes)
     for m in machines:
-        _collect(m, acc, hosts, peers)
-    return replace(base, sets={k: frozenset(v) for k, v in acc.items()}, hosts=hosts, peers=peers)
+        _collect(m, acc, hosts, peers, routes)
+    return replace(
+        base,
+        sets={k: frozenset(v) for k, v in acc.items()},
+        hosts=hosts,
+        peers=peers,
+        routes=frozenset(routes),
+    )
 
 
 def flatten(policy: PolicyState, machines: Iterable[MachineState]) -> Flat:
@@ -289,5 +316,6 @@ def flatten(policy: PolicyState, machines: Iterable[MachineState]) -> Flat:
         policy.killswitch,
         policy.uplink,
         policy.hub,
+        policy.routes,
     )
     return with_machines(base, machines)

@@ -3,6 +3,8 @@
 dom0's gateway address for each domain pool lives on the managed bridge.
 Addresses dom0 adds carry its own IFA_PROTO number, so it recognises and
 removes only its own and never touches an address somebody else put there.
+So do its routes in the main table (rtm_protocol): the containers prefixes
+that machines' agents hold, through those machines or into the hub.
 
 pyroute2 0.9's IPRoute is thread-affine: one instance, used from the thread
 that created it (the controller's trio thread; every call here is a single
@@ -13,17 +15,19 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from controller.core.desired import Address
+from controller.core.desired import Address, Route
 
 log = logging.getLogger(__name__)
 
 DOM0_PROTO = 0x64  # IFA_PROTO of the addresses dom0 owns ("d")
+MAIN_TABLE = 254
 _SYSCTLS = {
     "net/ipv4/ip_forward": "1",
     # wg-quick's Table=auto: the tunnel's own packets are routed by their fwmark.
@@ -99,6 +103,39 @@ class Addresses:
             self.ipr.link("set", index=index, state="up")
         if missing:
             raise AddressError(f"interface(s) {', '.join(sorted(set(missing)))} do not exist (yet)")
+
+    def owned_routes(self) -> frozenset[Route]:
+        """dom0's IPv4 routes in the main table, as (network, next hop or "", device)."""
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self.ipr.get_links()}
+        out: set[Route] = set()
+        for r in self.ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
+            if r["proto"] != DOM0_PROTO:
+                continue
+            dst = r.get_attr("RTA_DST") or "0.0.0.0"
+            dev = names.get(r.get_attr("RTA_OIF"), "?")
+            out.add((f"{dst}/{r['dst_len']}", r.get_attr("RTA_GATEWAY") or "", dev))
+        return frozenset(out)
+
+    def apply_routes(self, add: Iterable[Route], delete: Iterable[Route]) -> None:
+        """Remove, then add (replace: a route to the same network through
+        another machine takes its place); a device that does not exist
+        (yet) is an error: the next sync adds what is missing."""
+        for net, via, _dev in sorted(delete):
+            try:
+                self.ipr.route("del", dst=net, table=MAIN_TABLE, proto=DOM0_PROTO,
+                               **({"gateway": via} if via else {}))  # fmt: skip
+            except NetlinkError as e:
+                if e.code not in (3, 19):  # ESRCH, ENODEV: already gone
+                    raise AddressError(f"cannot remove the route to {net}: {e}") from e
+        for net, via, dev in sorted(add):
+            index = self.link_index(dev)
+            if index is None:
+                raise AddressError(f"route to {net}: interface {dev} does not exist (yet)")
+            try:
+                self.ipr.route("replace", dst=net, oif=index, table=MAIN_TABLE, proto=DOM0_PROTO,
+                               **({"gateway": via} if via else {}))  # fmt: skip
+            except NetlinkError as e:
+                raise AddressError(f"cannot add the route to {net} on {dev}: {e}") from e
 
 
 def enable_ipv6_forwarding(proc_sys: Path = Path("/proc/sys")) -> None:

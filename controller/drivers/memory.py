@@ -17,7 +17,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from controller.core.desired import Address, Element, HubPeer, HubState, KillSwitch, Shape
+from controller.core.desired import (
+    Address,
+    Element,
+    HubPeer,
+    HubState,
+    KillSwitch,
+    Route,
+    Shape,
+)
 from controller.core.plan import FOREIGN_KILLSWITCH, Plan
 from controller.drivers.nft.client import KernelState, NftError
 from controller.drivers.nft.ruleset import set_specs
@@ -84,6 +92,7 @@ class MemoryNft:
 class MemoryAddresses:
     held: set[Address] = field(default_factory=set)
     fail_next: int = 0
+    routes: set[Route] = field(default_factory=set)
 
     def owned(self, interfaces: Iterable[str]) -> frozenset[Address]:
         wanted = set(interfaces)
@@ -95,6 +104,13 @@ class MemoryAddresses:
             raise InjectedFailure("injected: addresses refused")
         self.held -= set(delete)
         self.held |= set(add)
+
+    def owned_routes(self) -> frozenset[Route]:
+        return frozenset(self.routes)
+
+    def apply_routes(self, add: Iterable[Route], delete: Iterable[Route]) -> None:
+        self.routes -= set(delete)
+        self.routes |= set(add)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`dom0 lab up | down | demo`: argument parsing and output; the work is elsewhere.
+"""`dom0 lab up | down | demo | container`: argument parsing and output; the work is elsewhere.
 
 Exit codes: 0 done, 1 failed at run time, 2 bad input (one line), 130 interrupted.
 """
@@ -88,6 +88,38 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--no-agents", action="store_true", help="VMs with DHCP clients instead of the agent"
     )
     demo.set_defaults(handler=_demo)
+
+    _register_container(sub, type(parser))
+
+
+def _register_container(sub: argparse._SubParsersAction, parser_class: type) -> None:
+    from controller.lab.container import TIMEOUT
+
+    container = sub.add_parser(
+        "container", help="containers in a lab VM: namespaces plugged into its agent's bridge"
+    )
+    csub = container.add_subparsers(dest="container_command", metavar="ACTION",
+                                    parser_class=parser_class)  # fmt: skip
+    csub.required = True
+    add = csub.add_parser(
+        "add", help="make container NAME in VM N and wait for the address its agent gives it"
+    )
+    add.add_argument("--vm", required=True, metavar="N", help="the VM: N of vmN")
+    add.add_argument("container", metavar="NAME", help="the container's name (one DNS label)")
+    add.add_argument("--name", default=DEFAULT_NAME, help=f"lab name (default {DEFAULT_NAME})")
+    add.add_argument("--timeout", type=float, default=TIMEOUT, metavar="S",
+                     help=f"wait for the agent's bridge, then the address (default {TIMEOUT:g})")  # fmt: skip
+    add.add_argument("--json", action="store_true", help="print the container as JSON")
+    add.set_defaults(handler=_container_add)
+    ls = csub.add_parser("list", help="the lab's containers and their addresses")
+    ls.add_argument("--name", default=DEFAULT_NAME, help=f"lab name (default {DEFAULT_NAME})")
+    ls.add_argument("--json", action="store_true", help="as JSON")
+    ls.set_defaults(handler=_container_list)
+    rm = csub.add_parser("del", help="delete container NAME of VM N (its namespace)")
+    rm.add_argument("--vm", required=True, metavar="N", help="the VM: N of vmN")
+    rm.add_argument("container", metavar="NAME", help="the container's name")
+    rm.add_argument("--name", default=DEFAULT_NAME, help=f"lab name (default {DEFAULT_NAME})")
+    rm.set_defaults(handler=_container_del)
 
 
 def _err(prog: str, message: str) -> None:
@@ -401,3 +433,95 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         print(demo.render(rows))
     return EXIT_OK if all(r.ok for r in rows) else EXIT_FAIL
+
+
+def _container_lab(prog: str, args: argparse.Namespace) -> tuple[Any, int | None] | None:
+    """The lab and VM index of a container command, or None (said, one line)."""
+    from controller.lab.rundir import Lab
+
+    if problem := check_name(args.name):
+        _err(prog, f"--name: {problem}")
+        return None
+    vm: int | None = None
+    if getattr(args, "vm", None) is not None:
+        text = args.vm.removeprefix("vm")
+        if not text.isdigit() or int(text) < 1:
+            _err(prog, f"--vm: {args.vm!r}, expected a VM's number, e.g. 1 for vm1")
+            return None
+        vm = int(text)
+    return Lab.named(args.name), vm
+
+
+def _container_add(args: argparse.Namespace) -> int:
+    from controller.lab import container
+    from controller.lab.rundir import LabError
+
+    prog = "dom0 lab container add"
+    found = _container_lab(prog, args)
+    if found is None:
+        return EXIT_USAGE
+    lab, vm = found
+    assert vm is not None
+    try:
+        with _sigterm_interrupts():
+            made = container.add(lab, vm, args.container, timeout=args.timeout)
+    except container.Refused as exc:
+        _err(prog, str(exc))
+        return EXIT_USAGE
+    except LabError as exc:
+        _err(prog, str(exc))
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        _err(prog, "interrupted; the container was removed")
+        return EXIT_INTERRUPTED
+    if args.json:
+        print(json.dumps(made, indent=2))
+    else:
+        print(f"{made['fqdn']}  {made['address']}  (namespace {made['namespace']}: "
+              f"ip netns exec {made['namespace']} sh)")  # fmt: skip
+    return EXIT_OK
+
+
+def _container_list(args: argparse.Namespace) -> int:
+    from controller.lab import container
+    from controller.lab.rundir import LabError
+
+    prog = "dom0 lab container list"
+    found = _container_lab(prog, args)
+    if found is None:
+        return EXIT_USAGE
+    try:
+        rows = container.listed(found[0])
+    except LabError as exc:
+        _err(prog, str(exc))
+        return EXIT_FAIL
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        _err(prog, f"lab {args.name} has no containers")
+    for r in rows:
+        print(f"{r['vm']}  {r['name']}  {r['address'] or '(no address)'}  {r['namespace']}")
+    return EXIT_OK
+
+
+def _container_del(args: argparse.Namespace) -> int:
+    from controller.lab import container
+    from controller.lab.rundir import LabError
+
+    prog = "dom0 lab container del"
+    found = _container_lab(prog, args)
+    if found is None:
+        return EXIT_USAGE
+    lab, vm = found
+    assert vm is not None
+    try:
+        with _sigterm_interrupts():
+            container.remove(lab, vm, args.container)
+    except container.Refused as exc:
+        _err(prog, str(exc))
+        return EXIT_USAGE
+    except (LabError, OSError) as exc:
+        _err(prog, str(exc))
+        return EXIT_FAIL
+    return EXIT_OK

@@ -1,10 +1,10 @@
 """`lab down`: stop everything a lab started, delete its namespaces and run directory.
 
 Idempotent and crash-tolerant: it works from whatever exists (the record, the
-namespaces named NAME-wan/vpn/dom0/vmI, the run directory) and succeeds when
-nothing is left. Processes are stopped by PID only: the recorded ones (checked
-against their recorded start time) and then any process still inside one of
-the lab's namespaces, which can only be the lab's (the controller's dnsmasq,
+namespaces named NAME-wan/vpn/dom0/vmI and NAME-vmI.CONTAINER, the run directory)
+and succeeds when nothing is left. Processes are stopped by PID only: the recorded
+ones (checked against their recorded start time) and then any process still inside
+one of the lab's namespaces, which can only be the lab's (the controller's dnsmasq,
 a probe, a process a crashed `lab up` started before recording it).
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.lab import netns, processes
+from controller.lab import container, netns, processes
 from controller.lab.rundir import RUN_ROOT, Lab, LabError, check_name, owns_namespace
 
 SWEEPS = 3
@@ -49,14 +49,18 @@ class DownReport:
 def lab_namespaces(lab: Lab, record: dict[str, Any] | None = None) -> list[str]:
     """Recorded namespaces plus any that exist under the lab's naming scheme."""
     recorded = [str(ns) for ns in (record or {}).get("namespaces") or []]
-    existing = [ns for ns in netns.listed() if owns_namespace(lab.name, ns)]
+    existing = [ns for ns in netns.listed() if _owns(lab.name, ns)]
     return sorted(set(recorded) | set(existing))
 
 
 def exists(name: str, run_root: Path = RUN_ROOT) -> bool:
     """True if anything of lab name is left: run directory or a namespace."""
     lab = Lab.named(name, run_root)
-    return lab.root.exists() or any(owns_namespace(name, ns) for ns in netns.listed())
+    return lab.root.exists() or any(_owns(name, ns) for ns in netns.listed())
+
+
+def _owns(name: str, ns: str) -> bool:
+    return owns_namespace(name, ns) or container.owns_namespace(name, ns)
 
 
 def sweep(namespaces: list[str], grace: float = 1.0) -> list[int]:

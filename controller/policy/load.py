@@ -16,6 +16,7 @@ import ipaddress
 import re
 from pathlib import Path
 
+from common.agentconfig import MAX_CONTAINERS, MIN_CONTAINERS
 from common.toml import Checker, Problem, Problems, did_you_mean
 from controller.policy import macs, publish
 from controller.policy.allow import AllowChecker
@@ -305,6 +306,11 @@ class _Validator(Checker):
         tld: str,
     ) -> tuple[dict[str, Domain], list[Rule]]:
         pools = [(f"domains.{d.name}.pool", d.pool) for d in domains.values()]
+        pools += [
+            (f"domains.{d.name}.containers_pool", d.containers_pool)
+            for d in domains.values()
+            if d.containers_pool is not None
+        ]
         if quarantine.pool is not None:
             pools.append(("quarantine.pool", quarantine.pool))
         if hub is not None:
@@ -498,6 +504,41 @@ class _Validator(Checker):
             return None
         return net
 
+    def containers(
+        self, body: dict, path: str, pool: ipaddress.IPv4Network | None
+    ) -> tuple[int | None, ipaddress.IPv4Network | None]:
+        """`containers = N` and `containers_pool`: a /N per machine, so the
+        pool must hold one for every address of the domain's pool."""
+        if "containers" not in body and "containers_pool" not in body:
+            return None, None
+        if "containers_pool" not in body:
+            self.bad(f"{path}.containers_pool", "missing, expected the IPv4 CIDR that "
+                     f"{path}.containers' prefixes come from")  # fmt: skip
+            return None, None
+        if "containers" not in body:
+            self.bad(f"{path}.containers", "missing, expected the prefix length each "
+                     f"machine's agent gets of {path}.containers_pool, e.g. 28")  # fmt: skip
+            return None, None
+        size = self.integer(body, "containers", path, MAX_CONTAINERS, MIN_CONTAINERS,
+                            MAX_CONTAINERS)  # fmt: skip
+        net = self.network(body["containers_pool"], f"{path}.containers_pool")
+        if net is None or pool is None:
+            return None, None
+        if net.prefixlen > size:
+            self.bad(f"{path}.containers", f"/{size} is larger than {path}.containers_pool "
+                     f"{net}, expected a prefix length of {net.prefixlen} or more")  # fmt: skip
+            return None, None
+        held = 1 << (size - net.prefixlen)
+        if held < pool.num_addresses:
+            need = size - (pool.num_addresses - 1).bit_length()
+            self.bad(
+                f"{path}.containers_pool",
+                f"{net} holds {held} /{size} prefixes, expected one per address of {path}.pool "
+                f"{pool} ({pool.num_addresses}): a /{need} or larger",
+            )
+            return None, None
+        return size, net
+
     def overlaps6(self, domains: dict[str, Domain]) -> None:
         seen: dict[ipaddress.IPv6Network, str] = {}
         for d in domains.values():
@@ -520,7 +561,7 @@ class _Validator(Checker):
             self.bad("domains", "none defined, expected at least one [domains.NAME] with a pool")
         allowed = [
             "pool", "gateway", "reach", "members_reach", "internet", "services", "hub", "allow",
-            "ipv6", "pool6",
+            "ipv6", "pool6", "containers", "containers_pool",
         ]  # fmt: skip
         out: dict[str, Domain] = {}
         for name, body in section.items():
@@ -562,6 +603,7 @@ class _Validator(Checker):
                     "is true but there is no [hub] section, expected one (interface, pool)",
                 )
             pool6 = self.pool6(body, path, name, in_hub, self.site_ula)
+            containers, containers_pool = self.containers(body, path, pool)
             if pool is not None and gateway is not None:
                 out[name] = Domain(
                     name=name,
@@ -573,6 +615,8 @@ class _Validator(Checker):
                     services=tuple(dict.fromkeys(services)),
                     hub=in_hub,
                     pool6=pool6,
+                    containers=containers,
+                    containers_pool=containers_pool,
                 )
         self.overlaps6(out)
         for name, body in section.items():
@@ -609,6 +653,11 @@ class _Validator(Checker):
 
     def overlaps(self, domains: dict[str, Domain], quarantine: Quarantine, hub: Hub | None) -> None:
         pools = [(f"domains.{d.name}.pool", d.pool) for d in domains.values()]
+        pools += [
+            (f"domains.{d.name}.containers_pool", d.containers_pool)
+            for d in domains.values()
+            if d.containers_pool is not None
+        ]
         if quarantine.pool is not None:
             pools.append(("quarantine.pool", quarantine.pool))
         if hub is not None:

@@ -133,6 +133,27 @@ class Domain:
     hub: bool = False  # members talk only through their WireGuard tunnel to the hub
     allow: tuple[Grant, ...] = ()  # by protocol and port (reach/internet: everything)
     pool6: IPv6Network | None = None  # its IPv6 /64, if it has IPv6
+    # `containers = N`: each machine's agent gets a /N of `containers_pool`
+    # for its containers, the one at the machine's offset in `pool`
+    containers: int | None = None
+    containers_pool: IPv4Network | None = None
+
+    @property
+    def nets(self) -> tuple[IPv4Network, ...]:
+        """Every IPv4 network of the domain's members: its pool, and its
+        containers' pool (the domain's policy holds for both alike)."""
+        return (self.pool,) if self.containers_pool is None else (self.pool, self.containers_pool)
+
+    def delegated(self, address: str | None) -> IPv4Network | None:
+        """The containers prefix of the machine at `address` (None: the
+        domain delegates none): deterministic, so that it follows the
+        address and needs no ledger of its own."""
+        if self.containers is None or self.containers_pool is None or address is None:
+            return None
+        offset = int(ip_address(address)) - int(self.pool.network_address)
+        size = 1 << (32 - self.containers)
+        start = int(self.containers_pool.network_address) + offset * size
+        return IPv4Network((start, self.containers))
 
     @property
     def gateway6(self) -> IPv6Address | None:

@@ -200,6 +200,7 @@ def config(**over: Any) -> dict[str, Any]:
             {"to": "::/0", "via": "fd00:10::1", "dev": "link"},
         ],
         "tunnel": None,
+        "containers": None,
     }
     return {**base, **over}
 

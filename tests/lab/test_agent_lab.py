@@ -13,7 +13,11 @@ pushed configuration, and its DHCP client is stopped.
   VMs;
 - an agent restarted while the controller is down, in a VM that lost its
   network (as after a reboot), comes back on its last-known-good
-  configuration and reaches the internet before dom0's controller returns.
+  configuration and reaches the internet before dom0's controller returns;
+- a container (`dom0 lab container add`) gets an address of its machine's
+  delegated prefix and its names, shows under its VM in `dom0 status`,
+  reaches what its domain allows (the internet, its domain's other machine)
+  and not another domain; no VM may send from another machine's prefix.
 """
 
 from __future__ import annotations
@@ -26,7 +30,18 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from controller.lab import agent, controllerproc, dhcpclient, netns, processes, topology, vm
+from controller.lab import (
+    agent,
+    container,
+    controllerproc,
+    dhcpclient,
+    netns,
+    processes,
+    topology,
+    vm,
+)
+from controller.lab.expect import assert_blocked
+from controller.lab.probe import probe_http
 from controller.lab.rundir import Lab
 from controller.lab.wait import wait_for
 
@@ -151,3 +166,87 @@ def test_an_agent_restarted_while_dom0_is_down_runs_its_last_known_good(agents_l
     wait_for(back, 90, "vm1's agent connected to the restarted controller")
     proc = lab.process(agent.role(1))
     assert proc is not None and processes.is_running(proc)
+
+
+# -- containers (policies/lab.toml: x delegates a /28 of 10.130.0.0/20 to each machine) --
+
+
+def machine_row(lab: Lab, index: int) -> dict[str, Any]:
+    m = controllerproc.machine(lab, lab.vm(index)["mac"])
+    assert m is not None, f"vm{index} not in dom0 status"
+    return m
+
+
+def domain_address(lab: Lab, index: int) -> str:
+    return str(machine_row(lab, index)["address"])
+
+
+def test_a_container_gets_its_address_and_names_and_shows_in_status(agents_lab: Lab) -> None:
+    from ipaddress import ip_interface, ip_network
+
+    lab = agents_lab
+    made = container.add(lab, 1, "app")
+    web1 = machine_row(lab, 1)
+    prefix = ip_network(web1["containers_prefix"])
+    assert ip_interface(made["address"]).ip in prefix, (made, prefix)
+    assert made["fqdn"] == f"app.{web1['name']}"
+
+    def shown() -> dict[str, Any] | None:
+        rows = machine_row(lab, 1).get("containers") or []
+        return next((c for c in rows if c["name"] == "app"), None)
+
+    row = wait_for(shown, 10, "app under web1 in dom0 status")
+    assert row == {
+        "name": "app",
+        "address": str(ip_interface(made["address"]).ip),
+        "fqdn": f"app.{web1['name']}",
+        "interface_fqdn": f"eth0.app.{web1['name']}",
+    }, row
+    table = processes.run_dom0("status", "--state", str(lab.state_dir))
+    assert f"container app.{web1['name']}" in table.stdout, table.stdout
+
+
+def test_a_container_reaches_what_its_domain_allows_and_nothing_else(agents_lab: Lab) -> None:
+    """x's container: the internet (through the tunnels, as 198.51.100.3) and
+    x's other machine, seen by its own address; not y's machine. The control:
+    with x allowed to reach y, the same probe gets through."""
+    lab = agents_lab
+    ns = container.namespace(lab, 1, "app")
+    if not netns.exists(ns):
+        container.add(lab, 1, "app")
+    mine = str(machine_row(lab, 1)["containers"][0]["address"])
+    out = probe_http(ns, vm.echo_url(), timeout=3.0)
+    assert out.ok and out.body.strip() == topology.VPN_WAN, out
+    web2 = probe_http(ns, vm.echo_url(domain_address(lab, 3)), timeout=3.0)
+    assert web2.ok and web2.body.strip() == mine, web2  # (routed, never masqueraded)
+    db1 = vm.echo_url(domain_address(lab, 2))
+    assert_blocked(probe_http(ns, db1, timeout=1.5))
+    text = lab.policy_path.read_text()
+    opened = text.replace("[domains.x]\n", '[domains.x]\nreach = ["y"]\n', 1)
+    assert controllerproc.reload(lab, opened) == "applying"
+    try:
+        wait_for(lambda: probe_http(ns, db1, timeout=1.5).ok, 10, "the control: x reaches y")
+    finally:
+        assert controllerproc.reload(lab, text) == "applying"
+    wait_for(lambda: not probe_http(ns, db1, timeout=1.0).ok, 10, "x closed to y again")
+
+
+def test_a_vm_cannot_send_from_another_machines_containers_prefix(agents_lab: Lab) -> None:
+    """vm1 forges a source in web2's (vm3's) prefix into its tunnel: the hub
+    refuses it (not in vm1's peer's allowed IPs). The control: a source in
+    vm1's own prefix, the same probe, gets through."""
+    from ipaddress import ip_network
+
+    lab = agents_lab
+    own = ip_network(machine_row(lab, 1)["containers_prefix"])
+    other = ip_network(machine_row(lab, 3)["containers_prefix"])
+    forged, control = str(other.network_address + 5), str(own.network_address + 13)
+    for a in (forged, control):
+        vm.add_address(lab, 1, f"{a}/32", dev="lo")
+    try:
+        assert_blocked(vm.probe(lab, 1, vm.echo_url(), source=forged, timeout=1.5))
+        got = vm.probe(lab, 1, vm.echo_url(), source=control, timeout=3.0)
+        assert got.ok and got.body.strip() == topology.VPN_WAN, got
+    finally:
+        for a in (forged, control):
+            vm.del_address(lab, 1, f"{a}/32", dev="lo")

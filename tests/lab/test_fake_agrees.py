@@ -107,7 +107,19 @@ def fake_of(lab: Lab, sets: dict[tuple[str, str], frozenset[tuple[str, ...]]]) -
         [*state.addresses, WAN_ADDRESS],
         killswitch=state.killswitch,
         bridge_mac=topology.BRIDGE_MAC,
+        routes=[*state.routes, *container_routes(sets, state.shape.bridge)],
     )
+
+
+def container_routes(sets: dict[tuple[str, str], frozenset[tuple[str, ...]]], bridge: str) -> list:
+    """dom0's route to each containers prefix the kernel binds, through the
+    machine bound on the same port and MAC (as machine_state makes them)."""
+    address = {(port, mac): ip for port, mac, ip in sets.get(("bridge", "binding"), ())}
+    return [
+        (prefix, address[port, mac], bridge)
+        for port, mac, prefix in sets.get(("bridge", "binding_net"), ())
+        if (port, mac) in address
+    ]
 
 
 # ---- seeing where packets arrive -------------------------------------------------------------
@@ -488,6 +500,48 @@ def phase_forged_addresses(s: Sample) -> None:
         s.add(f"spoofed: vm{i} arp as {other.bridge_ip}", i, p)
 
 
+def phase_containers(s: Sample, prefixes: dict[int, str]) -> None:
+    """Bridge domains with `containers`: a machine's containers (sent from its
+    delegated prefix, as its agent routes them) to its domain's other machine,
+    another domain's, another machine's containers, the internet and dom0's
+    DNS; and the same machine sending from another machine's prefix."""
+    ms = s.machines
+    for i, prefix in prefixes.items():
+        m = ms[i]
+        net = ipaddress.ip_network(prefix)
+        mine = str(net.network_address + 2)
+        same = next((o for o in ms.values() if o.domain == m.domain and o.index != i), None)
+        other = next(o for o in ms.values() if o.domain not in (m.domain, "quarantine"))
+        theirs = prefixes.get(same.index) if same is not None else None
+        neighbour = same.index if same is not None else 0
+        targets = [(f"vm{other.index}", other.bridge_ip, 7), (ECHO, ECHO, 80),
+                   ("its gateway", m.gateway, 53)]  # fmt: skip
+        if same is not None:
+            targets.append((f"vm{same.index}", same.bridge_ip, 7))
+        if theirs is not None:
+            targets.append((f"vm{neighbour}'s containers", str(ipaddress.ip_network(theirs).network_address + 3), 7))  # fmt: skip
+        for what, dst, port in targets:
+            for proto in ("udp", "tcp"):
+                p = frame(s, i, None, src=mine, dst=dst, proto=proto, dport=port)
+                s.add(f"container: vm{i}'s {mine} -> {what} {proto}", i, p)
+        if theirs is not None:
+            forged = str(ipaddress.ip_network(theirs).network_address + 4)
+            for what, dst, port in targets[:3]:
+                p = frame(s, i, None, src=forged, dst=dst, dport=port)
+                s.add(f"spoofed: vm{i} as vm{neighbour}'s container {forged} -> {what}", i, p)
+
+
+def delegated(lab: Lab, s: Sample) -> dict[int, str]:
+    policy = load_policy(lab.policy_path)
+    out = {}
+    for i, m in s.machines.items():
+        d = policy.domains.get(m.domain)
+        prefix = d.delegated(m.bridge_ip) if d is not None else None
+        if prefix is not None:
+            out[i] = str(prefix)
+    return out
+
+
 def phase_forged_macs(s: Sample) -> None:
     ms = s.machines
     for i, m in ms.items():
@@ -645,10 +699,13 @@ def attribution(lab: Lab, fake: FakeDataPlane, s: Sample) -> list[str]:
         if any("counter" in x for x in rule)
     }
 
+    # (police_source's last rule: anything but IPv4 and ARP)
+    other_types = len(fake.tables["bridge", "dom0"]["police_source"][1]) - 1
+
     def noise(k: tuple[str, str | None, str, int | None]) -> bool:
         # what background traffic hits: the VMs' own IPv6 (anything but IPv4
         # and ARP, at police_source), dom0's own packets at the kill switch
-        return k == ("bridge", "dom0", "police_source", 4) or k[1] == "dom0_wan"
+        return k == ("bridge", "dom0", "police_source", other_types) or k[1] == "dom0_wan"
 
     problems = []
     for what, i, p in probes:
@@ -737,14 +794,16 @@ def test_the_fake_agrees_with_the_kernel_domains_on_the_bridge(agreement_lab: An
             ("machines", machines),
             ("replies", lambda: phase_replies(s, opened)),
             ("forged addresses", lambda: phase_forged_addresses(s)),
+            ("containers", lambda: phase_containers(s, delegated(lab, s))),
             ("forged MACs", lambda: phase_forged_macs(s)),
         ],
     )
     report = "\n".join([_report("bridge", s, disagree, tally), *misattributed])
     print(report)
     assert len(s.cases) >= MIN_PACKETS
-    for category in ("allowed", "internet", "dom0", "dhcp"):
+    for category in ("allowed", "internet", "dom0", "dhcp", "container"):
         assert tally[f"{category} passed"] > 0, report  # the sample is not all drops
+    assert tally["container dropped"] > 0, report
     for category in ("isolated", "spoofed", "quarantined"):
         assert tally[f"{category} dropped"] > 0, report
     assert not disagree, report

@@ -495,10 +495,25 @@ def test_anti_spoofing_holds_inside_the_tunnels(make_lab: Any) -> None:
     assert reached.body.strip() == spare
 
 
+def peer_ips(lab: Lab, address: str) -> tuple[str, ...]:
+    """A hub machine's allowed IPs: its address, and its containers' block."""
+    from ipaddress import ip_address
+
+    from controller.policy.load import load_policy
+
+    for d in load_policy(lab.policy_path).domains.values():
+        if ip_address(address) in d.pool:
+            block = d.delegated(address)
+            return (f"{address}/32",) + (() if block is None else (str(block),))
+    raise AssertionError(f"{address} is in no domain's pool")
+
+
 def test_hub_peers_follow_machines_and_wg_export(make_lab: Any) -> None:
     lab = make_lab(2, controller=True)
     exported = {i: uplink.export(lab, vm.mac(lab, i)) for i in (1, 2)}
-    assert hub_peers(lab) == {e["public_key"]: (f"{e['address']}/32",) for e in exported.values()}
+    assert hub_peers(lab) == {
+        e["public_key"]: peer_ips(lab, e["address"]) for e in exported.values()
+    }
     conf = exported[1]["config"]
     assert "[Interface]\nPrivateKey = " in conf and f"Address = {exported[1]['address']}/32" in conf
     assert "Endpoint = 10.250.0.1:51821" in conf and "AllowedIPs = 0.0.0.0/0" in conf
@@ -512,7 +527,7 @@ def test_hub_peers_follow_machines_and_wg_export(make_lab: Any) -> None:
     uplink.join_hub(lab, i, mac)
     assert vm.whoami(lab, i) == ENDPOINT
     third = uplink.export(lab, mac)
-    assert hub_peers(lab)[third["public_key"]] == (f"{third['address']}/32",)
+    assert hub_peers(lab)[third["public_key"]] == peer_ips(lab, third["address"])
     build.remove_vm(lab, i)
     wait_for(lambda: third["public_key"] not in hub_peers(lab), what="vm3's peer removed")
     assert machines(lab)[mac]["state"] == "absent"

@@ -110,7 +110,10 @@ def test_hub_machine_state_binds_its_hub_address_and_gets_a_peer() -> None:
     m = machine_state(policy, a, key)
     assert m.elements[BINDING] == {("vnet1", "52:54:00:d0:00:01", "10.250.3.4")}
     assert m.dhcp is not None and (m.dhcp.address, m.dhcp.tag) == ("10.250.3.4", "hub-x")
-    assert m.peer is not None and m.peer.allowed_ips == ("10.10.0.9/32",)
+    # its containers' /28 (x: containers = 28 of 10.130.0.0/20, at offset 9) goes
+    # through its tunnel too; no route per machine: the hub's covers the pool
+    assert m.peer is not None and m.peer.allowed_ips == ("10.10.0.9/32", "10.130.0.144/28")
+    assert not m.routes and not m.elements.get(("bridge", "binding_net"))
     ps = policy_state(policy, [])
     assert ("hub0", "10.10.0.1/24") in ps.addresses and ("virbr0", "10.250.0.1/16") in ps.addresses
     assert ("virbr0", "10.10.0.1/24") not in ps.addresses
@@ -121,7 +124,7 @@ def test_hub_machine_state_binds_its_hub_address_and_gets_a_peer() -> None:
     assert ("10.10.0.0/24", "10.10.0.0/24") in ps.sets[REACH]
     assert ("hub-x", "x.internal") in ps.dhcp.tag_domains
     p = plan(flatten(ps, [m]), EMPTY)
-    assert f"hub: peer {key} allowed 10.10.0.9/32" in p.lines()
+    assert f"hub: peer {key} allowed 10.10.0.9/32, 10.130.0.144/28" in p.lines()
 
 
 @settings(max_examples=300, deadline=None)

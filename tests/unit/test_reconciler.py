@@ -151,6 +151,7 @@ class World:
             "sets": {k: frozenset(v) for k, v in nft.sets.items() if v},
             "killswitch": nft.killswitch,
             "addresses": frozenset(addresses.held),
+            "routes": frozenset(addresses.routes),
             "hosts": rec.hosts.read(),
             "peers": dict(tunnels.peers),
             "uplink": tunnels.uplink,
@@ -263,3 +264,39 @@ def test_hosts_dir_is_the_real_one(tmp_path: Path) -> None:
     """(the reservations the fakes are compared on are files, as in production)"""
     w = World(tmp_path / "s", "bridge")
     assert isinstance(w.rec.hosts, HostsDir)
+
+
+def test_containers_prefixes_are_bound_and_routed_through_their_machine(tmp_path: Path) -> None:
+    """A bridge domain with `containers`: the machine's port and MAC may send
+    from its prefix, dom0 routes the prefix through its address, and both go
+    when it does; the incremental path agrees with a full sync throughout."""
+    w = World(tmp_path / "s", "bridge")
+    w.port_up(1)
+    w.learn(MACS[0], 1)
+    w.catch_up()
+    a = w.rec.ledger.get(MACS[0])
+    assert a is not None and a.address is not None
+    prefix = w.rec.policy.domains["x"].delegated(a.address)
+    pool = w.rec.policy.domains["x"].containers_pool
+    assert prefix is not None and pool is not None and prefix.subnet_of(pool)
+    assert w.nft.sets[("bridge", "binding_net")] == {("vnet1", MACS[0], str(prefix))}
+    assert w.addresses.routes == {(str(prefix), a.address, "virbr0")}
+    assert w.held(w.rec, w.nft, w.addresses, w.tunnels) == w.from_scratch(tmp_path / "x")
+    w.port_gone(1)
+    w.catch_up()
+    assert not w.nft.sets.get(("bridge", "binding_net")) and not w.addresses.routes
+
+
+def test_machines_are_found_by_name_after_every_change(tmp_path: Path) -> None:
+    w = World(tmp_path / "s", "bridge")
+    w.port_up(1)
+    w.learn(MACS[0], 1)
+    w.catch_up()
+    assert w.rec.find("web1.x.internal") == w.rec.ledger.get(MACS[0])
+    w.port_up(3)
+    w.learn(MACS[2], 3)
+    w.catch_up()
+    names = w.rec.named()
+    assert names["web1.x.internal"] == MACS[0] and names["web2.x.internal"] == MACS[2]
+    w.rec.ledger.remove(MACS[2])
+    assert "web2.x.internal" not in w.rec.named()  # (the index follows the ledger)

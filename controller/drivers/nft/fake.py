@@ -77,10 +77,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, ip_network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, ip_network
 from typing import Any
 
-from controller.core.desired import Address, Element, KillSwitch, Shape
+from controller.core.desired import Address, Element, KillSwitch, Route, Shape
 from controller.drivers.nft.ruleset import (
     KILLSWITCH_TABLE,
     METERS,
@@ -607,6 +607,7 @@ class FakeDataPlane:
         default_route: str | None = None,
         br_netfilter: bool = True,
         tables: Mapping[tuple[str, str], _Chains] | None = None,
+        routes: Iterable[Route] = (),
     ) -> None:
         addresses = list(addresses)
         self.shape = shape
@@ -671,6 +672,15 @@ class FakeDataPlane:
                 self.connected.append((n.prefixlen, int(n.network_address), int(n.netmask), iface))
             if n.prefixlen < 31:  # the kernel adds the subnet's broadcast route itself
                 self.broadcasts[int(n.broadcast_address)] = iface
+        # dom0's own routes (containers' prefixes): through a machine, or a device
+        self.gateways: list[tuple[int, int, int]] = []  # (net, mask, next hop)
+        for cidr, via, dev in routes:
+            n = IPv4Network(cidr)
+            self.connected.append((n.prefixlen, int(n.network_address), int(n.netmask), dev))
+            if via:
+                self.gateways.append(
+                    (int(n.network_address), int(n.netmask), int(IPv4Address(via)))
+                )
         self.connected.sort(reverse=True)
         self.default_route = default_route or shape.egress
         # the uplink's own packets (its fwmark) use the main table: out of the WAN
@@ -685,6 +695,7 @@ class FakeDataPlane:
         if flat.shape is None:
             raise FakeError("a Flat without a shape has no tables")
         kw.setdefault("killswitch", flat.killswitch)
+        kw.setdefault("routes", flat.routes)
         return cls(flat.shape, flat.sets, flat.addresses, **kw)
 
     # -- routing -----------------------------------------------------------
@@ -901,7 +912,7 @@ class FakeDataPlane:
         elif p.dst == "255.255.255.255":
             mac = BROADCAST_MAC
         else:
-            n = self.neighbours.get(int(IPv4Address(p.dst)))
+            n = self.neighbours.get(self._next_hop(int(IPv4Address(p.dst))))
             if n is None:
                 return [self._stack_drop("neighbour", f"{p.dst} does not answer ARP on "
                                          f"{self.bridge}", path, notes)]  # fmt: skip
@@ -919,6 +930,13 @@ class FakeDataPlane:
             )
             outcomes.append(Outcome(q, drop, tuple(op), tuple(on)))
         return outcomes
+
+    def _next_hop(self, ip: int) -> int:
+        """The neighbour a packet to `ip` goes to: a route's gateway, or itself."""
+        for net, mask, via in self.gateways:
+            if ip & mask == net:
+                return via
+        return ip
 
     @staticmethod
     def _stack_drop(what: str, reason: str, path: list[str], notes: list[str]) -> Outcome:

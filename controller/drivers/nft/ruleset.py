@@ -59,6 +59,7 @@ from typing import Any
 from controller.core.desired import (
     BINDING,
     BINDING6,
+    BINDING_NET,
     DHCP_CLIENT,
     DHCP_REPLY,
     DHCP_SERVER,
@@ -155,6 +156,7 @@ SETS: dict[tuple[str, str], SetSpec] = {
         SetSpec("bridge", PORT_MAC[1], ("ifname", "ether_addr")),
         SetSpec("bridge", MACS[1], ("ether_addr",)),
         SetSpec("bridge", BINDING[1], ("ifname", "ether_addr", "ipv4_addr")),
+        SetSpec("bridge", BINDING_NET[1], ("ifname", "ether_addr", "ipv4_addr"), interval=True),
         SetSpec(
             "bridge",
             DHCP_CLIENT[1],
@@ -387,6 +389,12 @@ def _bridge(shape: Shape) -> dict[str, Chain]:
                     "!=",
                 ),
                 DROP,
+            ],
+            [
+                # its containers' prefix, behind it (the agent routes them)
+                IS_IP,
+                match(cat(port, pl("ether", "saddr"), pl("ip", "saddr")), "@binding_net"),
+                RETURN,
             ],
             [
                 IS_IP,
