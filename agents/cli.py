@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_USAGE = 2
+DISCOVER_TIMEOUT = 5.0  # seconds one mDNS browse for dom0 lasts at most
 EXIT_CODES = (
     "exit codes: 0 ok; 1 failure at run time (dom0 unreachable is not one: the agent waits); "
     "2 bad input (argument, file)"
@@ -56,7 +57,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="enroll if need be, then take configuration from dom0")
     run.add_argument("--root", required=True, type=Path, help="the agent's directory (0700)")
-    run.add_argument("--server", required=True, type=_address, help="dom0's address")
+    run.add_argument(
+        "--server",
+        type=_address,
+        help="dom0's address (default: found by mDNS on the link, _dom0._tcp, and trusted "
+        "only if its TLS verifies against the pinned CA)",
+    )
     run.add_argument("--port", type=_port, default=8443, help="its agent port (default: 8443)")
     run.add_argument(
         "--server-name",
@@ -102,8 +108,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"dom0 agent run: --root {args.root}: {e.strerror}", file=sys.stderr)
         return EXIT_USAGE
     applier = Applier(root.path, set_hostname=not args.no_set_hostname, prefer=args.wireguard)
+    discover = None
+    if args.server is None:
+        from functools import partial
+
+        from agents.discover import browse
+
+        discover = partial(browse, DISCOVER_TIMEOUT)
     agent = Agent(root, applier, args.server, args.port, server_name=args.server_name,
-                  containers=Watcher(root.path))  # fmt: skip
+                  containers=Watcher(root.path), discover=discover)  # fmt: skip
     try:
         trio.run(agent.run)
     except KeyboardInterrupt:

@@ -118,7 +118,7 @@ def fetch_chain(host: str, port: int, timeout: float, local: str | None = None) 
 class Agent:
     root: Root
     applier: Applier
-    server: str
+    server: str | None  # None: found by `discover` (and again after each failure)
     port: int = PORT
     server_name: str | None = None  # the name or address in dom0's certificate (default: server)
     local_address: str | None = None  # the source address to connect from (default: the kernel's)
@@ -134,6 +134,11 @@ class Agent:
     # (version, reason) of the last configuration refused, for the status report
     last_nack: tuple[int, str] | None = None
     containers: Watcher | None = None  # the VM's containers (None: not this agent's business)
+    # Where dom0 may be, (address, port), for an agent given no --server: a
+    # hint only (agents/discover.py), each tried with TLS verified against
+    # the pinned CA; blocking, run in a thread.
+    discover: Callable[[], list[tuple[str, int]]] | None = None
+    _candidates: list[tuple[str, int]] = field(default_factory=list)
     _send_lock: trio.Lock = field(default_factory=trio.Lock)
     _renewed: trio.Event = field(default_factory=trio.Event)
 
@@ -176,14 +181,37 @@ class Agent:
         while True:
             sessions = self.sessions
             try:
+                if self.discover is not None and (self.server is None or attempt > 0):
+                    await self._next_candidate()
                 if not self.root.enrolled():
                     await self.enroll()
                 await self.session()
-            except (Ended, OSError, ssl.SSLError, trio.BrokenResourceError) as e:
+            except (Ended, OSError, ssl.SSLError, trio.BrokenResourceError,
+                    identity.IdentityError) as e:  # fmt: skip
                 log.warning("controller %s:%d: %s", self.server, self.port, _one_line(e))
             # a connection that got past the hellos resets the wait
             attempt = 0 if self.sessions > sessions else attempt + 1
             await trio.sleep(backoff(attempt, self.rng))
+
+    async def _next_candidate(self) -> None:
+        """The next place dom0 may be: the next answer of the last browse, or
+        a new browse once they are spent (an answer is only a hint: the TLS
+        handshake against the pinned CA decides)."""
+        assert self.discover is not None
+        if not self._candidates:
+            self.server = None
+            found = await trio.to_thread.run_sync(self.discover)
+            if not found:
+                raise Ended("no answer for _dom0._tcp on the link (mDNS): give --server")
+            log.info("discovered %s", ", ".join(f"{a}:{p}" for a, p in found))
+            self._candidates = list(found)
+        self.server, self.port = self._candidates.pop(0)
+
+    @property
+    def _where(self) -> str:
+        if self.server is None:
+            raise Ended("no controller address (none given, none discovered)")
+        return self.server
 
     # -- enrollment ------------------------------------------------------------------
     async def enroll(self) -> None:
@@ -192,7 +220,7 @@ class Agent:
             raise Ended(f"not enrolled, and no token in {self.root.token} (dom0 token create)")
         pinned = identity.token_fingerprint(token)
         chain = await trio.to_thread.run_sync(
-            fetch_chain, self.server, self.port, CONNECT_TIMEOUT, self.local_address
+            fetch_chain, self._where, self.port, CONNECT_TIMEOUT, self.local_address
         )
         root_der = identity.pick_root(chain, pinned)
         write_atomic(self.root.ca, identity.root_pem(root_der), 0o644)
@@ -229,12 +257,13 @@ class Agent:
     # -- one connection --------------------------------------------------------------
     async def _connect(self, *, client_cert: bool) -> tuple[trio.SSLStream, wire.Connection]:
         ctx = tls_client(self.root, client_cert=client_cert)
-        name = self.server_name or self.server
+        server = self._where
+        name = self.server_name or server
         with trio.fail_after(CONNECT_TIMEOUT):
             if self.open_stream is not None:
-                tcp = await self.open_stream(self.server, self.port, self.local_address)
+                tcp = await self.open_stream(server, self.port, self.local_address)
             else:
-                tcp = await trio.open_tcp_stream(self.server, self.port,
+                tcp = await trio.open_tcp_stream(server, self.port,
                                                  local_address=self.local_address)  # fmt: skip
             stream = trio.SSLStream(tcp, ctx, server_hostname=name)
             try:
@@ -415,4 +444,6 @@ def _first(group: BaseExceptionGroup) -> BaseException:
 
 
 def _one_line(e: object) -> str:
+    if isinstance(e, trio.BrokenResourceError) and e.__cause__ is not None:
+        e = e.__cause__  # (trio's wrapper of the TLS error that says what failed)
     return " ".join(str(e).split()) or type(e).__name__

@@ -333,6 +333,12 @@ class Controller:
             nursery.start_soon(revocations)
             for gateway in gateways:
                 nursery.start_soon(self._serve_agents, gateway, one)
+            if rec.policy.advertise and gateways:
+                from controller.sources.advertise import advertise, instance_name
+                from controller.sources.agents import AGENT_PORT
+
+                # (discovery is a convenience: it never holds the listener up)
+                nursery.start_soon(advertise, gateways, AGENT_PORT, instance_name(rec.policy.tld))
 
     async def _serve_agents(self, gateway: str, handler: Callable) -> None:
         """Listen on one gateway as soon as dom0 holds it (the first sync adds it)."""

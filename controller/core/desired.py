@@ -144,6 +144,7 @@ class Shape:
     bridge_netfilter: bool = True  # bridged IPv4 crosses the inet tables too (br_netfilter)
     ipv6: bool = False  # some domain has IPv6: the bridge polices it instead of dropping it
     egress6: bool = False  # the uplink carries IPv6: domains may reach the internet over it
+    mdns: tuple[str, ...] = ()  # pools that may query dom0's mDNS responder (agents' discovery)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -665,6 +666,7 @@ def policy_state(
         bridge_netfilter=bridge_netfilter,
         ipv6=bool(ranges6),
         egress6=bool(ranges6) and v6_out,
+        mdns=policy.mdns_pools,
     )
     return PolicyState(
         shape=shape,

@@ -46,9 +46,10 @@ def server_of(machine: dict[str, Any]) -> str:
     return str(server)
 
 
-def enroll(lab: Lab, index: int, *, ttl: str = "10m") -> dict[str, Any]:
+def enroll(lab: Lab, index: int, *, ttl: str = "10m", discover: bool = False) -> dict[str, Any]:
     """A token for VM index's machine in its agent's root, and the agent
-    started; returns the machine as `dom0 status` shows it."""
+    started (`discover`: given no address, it finds dom0 by mDNS); returns
+    the machine as `dom0 status` shows it."""
     mac = lab.vm(index)["mac"]
     machine = controllerproc.machine(lab, mac)
     if machine is None or machine.get("state") != "admitted":
@@ -61,17 +62,19 @@ def enroll(lab: Lab, index: int, *, ttl: str = "10m") -> dict[str, Any]:
     )  # fmt: skip
     if made.returncode != 0:
         raise LabError(f"vm{index}: dom0 token create: {made.stderr.strip()}")
-    start(lab, index, server_of(machine))
+    start(lab, index, None if discover else server_of(machine))
     return machine
 
 
-def start(lab: Lab, index: int, server: str) -> processes.ProcId:
+def start(lab: Lab, index: int, server: str | None) -> processes.ProcId:
+    """The agent in VM index, told dom0's address (None: it finds it by mDNS)."""
     current = lab.process(role(index))
     if current is not None and processes.is_running(current):
         raise LabError(f"vm{index}: its agent already runs (pid {current.pid})")
     inner = [
         sys.executable, "-m", "agents", "run", "--root", str(root(lab, index)),
-        "--server", server, "--wireguard", "userspace", "--no-set-hostname",
+        *(["--server", server] if server else []), "--wireguard", "userspace",
+        "--no-set-hostname",
     ]  # fmt: skip
     argv = netns.exec_argv(lab.vm(index)["namespace"], inner)
     _, proc = processes.spawn(argv, log=log_path(lab, index), env=processes.python_env())

@@ -245,7 +245,8 @@ class _Validator(Checker):
         dhcp_t = self.table(raw, "dhcp", "", ["lease_time", "log"])
         lease = self.duration(dhcp_t, "lease_time", "dhcp", "1h", 120)
         dhcp_log = self.string(dhcp_t, "log", "dhcp", "transactions")
-        agents_t = self.table(raw, "agents", "", ["certificate_life"])
+        agents_t = self.table(raw, "agents", "", ["certificate_life", "advertise"])
+        advertise = self.boolean(agents_t, "advertise", "agents", True)
         cert_life = self.duration(agents_t, "certificate_life", "agents", "24h", 600)
         if cert_life > MAX_AGENT_CERTIFICATE:
             self.bad(
@@ -293,6 +294,7 @@ class _Validator(Checker):
             limits=limits,
             publish=published,
             agent_certificate_seconds=cert_life,
+            advertise=advertise,
         )
 
     def allow_lists(

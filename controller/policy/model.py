@@ -283,6 +283,22 @@ class Policy:
     pinned: Mapping[str, frozenset[str]] = field(default_factory=dict)
     publish: tuple[Publish, ...] = ()  # ports offered to the outside
     agent_certificate_seconds: int = 86400  # [agents] certificate_life: agents renew at half
+    advertise: bool = True  # [agents] advertise: _dom0._tcp by mDNS where agents enroll
+
+    @property
+    def mdns_pools(self) -> tuple[str, ...]:
+        """The pools whose machines may ask dom0's mDNS responder: where
+        agents enroll (a hub domain's do so from the hub's pool), when it
+        advertises at all."""
+        if not self.advertise:
+            return ()
+        pools = [str(d.pool) for d in self.domains.values() if "enroll" in d.services
+                 and not (d.hub and self.hub is not None)]  # fmt: skip
+        if self.hub is not None and any(
+            "enroll" in d.services for d in self.domains.values() if d.hub
+        ):
+            pools.append(str(self.hub.pool))
+        return tuple(pools)
 
     @property
     def grants(self) -> tuple[Grant, ...]:

@@ -250,3 +250,25 @@ def test_a_vm_cannot_send_from_another_machines_containers_prefix(agents_lab: La
     finally:
         for a in (forged, control):
             vm.del_address(lab, 1, f"{a}/32", dev="lo")
+
+
+def test_an_agent_given_no_address_finds_dom0_by_mdns_and_enrolls(agents_lab: Lab) -> None:
+    """A new VM (of y, on the hub's underlay) whose agent is given no
+    --server: it browses `_dom0._tcp` on its link, finds dom0's hub address
+    (advertised on the bridge, and let through dom0's input from where
+    agents enroll), enrolls there with TLS verified against the token's CA,
+    and runs its configuration like the others."""
+    from controller.lab import build
+
+    lab = agents_lab
+    index = build.add_vm(lab)
+    dhcpclient.wait_lease(lab, index, timeout=20)
+    wait_for(lambda: (m := controllerproc.machine(lab, lab.vm(index)["mac"])) is not None
+             and m.get("state") == "admitted", 20, f"vm{index} admitted")  # fmt: skip
+    machine = agent.enroll(lab, index, discover=True)
+    agent.wait_applied(lab, index, 40)
+    agent.take_over(lab, index)
+    log = agent.log_path(lab, index).read_text()
+    assert f"discovered {machine['agent_server']}:8443" in log, log[-2000:]
+    assert vm.whoami(lab, index) == topology.VPN_WAN
+    assert agents(lab)[machine["name"]]["connected"]

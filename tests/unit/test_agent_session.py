@@ -7,11 +7,13 @@ tests/lab/test_agent_apply.py and tests/lab/test_agent_lab.py)."""
 
 from __future__ import annotations
 
+import random
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.lowlevel
 import trio.testing
@@ -170,4 +172,53 @@ async def test_a_change_made_while_one_is_being_sent_is_pushed_too(tmp_path: Pat
             site.book.refresh()
             want = site.book.records[NAME].version
             await until(lambda: site.book.records[NAME].acked == want, 5)  # noqa: B023
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_discovered_answer_is_trusted_only_when_its_tls_verifies(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent given no address tries what discovery found, in order: an
+    impostor answering first (its own CA, a certificate for its own
+    address) fails the handshake against the pinned root, and the agent goes
+    on to dom0. The control: with only the impostor found, it never gets a
+    session."""
+    site = Site(tmp_path / "dom0")
+    other = Store(tmp_path / "other")
+    impostor = ca.init(tmp_path / "other", other.db, "internal", site.now - timedelta(days=1))
+    impostor.issue_server(["dom0.internal"], ["10.99.9.9"], site.now)
+    fake = Listener(
+        server_context(impostor.write_bundle(site.now), tmp_path / "other" / "ca" / "server.pem"),
+        {SOURCE: (NAME, SLOT)}.get,
+        impostor.revoked,
+    )
+    tried: list[str] = []
+
+    async def link(host: str, port: int, local: str | None) -> trio.abc.Stream:
+        tried.append(host)
+        server_end, client_end = trio.testing.memory_stream_pair()
+        listener = fake if host == "10.99.9.9" else site.listener
+        site.nursery.start_soon(listener.handle, server_end, SOURCE)
+        return client_end
+
+    def agent(found: list[tuple[str, int]]) -> Agent:
+        return Agent(site.root, Applier(), None, open_stream=link, discover=lambda: list(found),
+                     rng=random.Random(1))  # fmt: skip
+
+    async with trio.open_nursery() as nursery:
+        site.nursery = nursery
+        first = agent([("10.99.9.9", 8443), ("10.10.0.1", 8443)])
+        nursery.start_soon(first.run)
+        await until(lambda: site.book.records.get(NAME) and site.book.records[NAME].acked == 1)
+        assert tried[:2] == ["10.99.9.9", "10.10.0.1"] and first.server == "10.10.0.1"
+        assert fake.refusals == 1 and not fake.live  # (its TLS handshake failed: no hello)
+        nursery.cancel_scope.cancel()
+    tried.clear()
+    async with trio.open_nursery() as nursery:
+        site.nursery = nursery
+        alone = agent([("10.99.9.9", 8443)])
+        nursery.start_soon(alone.run)
+        await until(lambda: len(tried) >= 2)  # tried, failed, browsed again, tried again
+        assert any("CERTIFICATE_VERIFY_FAILED" in r.getMessage() for r in caplog.records)
+        assert alone.sessions == 0 and set(tried) == {"10.99.9.9"}
         nursery.cancel_scope.cancel()

@@ -18,6 +18,7 @@ from controller.core.allocation import Allocation
 from controller.core.desired import BINDING_NET, REACH, machine_state, policy_state
 from controller.core.plan import flatten
 from controller.drivers.nft.fake import FakeDataPlane, Packet
+from controller.drivers.nft.ruleset import chains
 from controller.policy.load import PolicyError, parse_policy
 from controller.policy.model import Policy
 
@@ -164,3 +165,23 @@ def test_status_shows_only_what_the_prefix_and_the_names_allow() -> None:
     assert row({"containers": "everything"})["containers"] == []
     assert row(None)["containers"] == []
     assert IPv4Address(out["containers"][0]["address"]) in IPv4Network(out["containers_prefix"])
+
+
+def test_mdns_queries_reach_dom0_only_from_where_agents_enroll() -> None:
+    """(Discovery, not containers: the same lab policies.) With `[agents]
+    advertise = false`, nothing is let in."""
+    assert policy(HUB).mdns_pools == ("10.250.0.0/16",)  # hub domains enroll on the underlay
+    assert policy().mdns_pools == ("10.10.0.0/24", "10.20.0.0/24")
+    no_y = BRIDGE.replace('services = ["dns", "icmp", "enroll"]', 'services = ["dns"]', 2)
+    no_y = no_y.replace('services = ["dns"]', 'services = ["dns", "icmp", "enroll"]', 1)
+    assert policy(no_y).mdns_pools == ("10.10.0.0/24",)
+    quiet = BRIDGE.replace("[domains.x]\n", "[agents]\nadvertise = false\n\n[domains.x]\n", 1)
+    assert policy(quiet).mdns_pools == ()
+
+    # what the inet table lets in (the fake does not model multicast: the lab
+    # test tests/lab/test_agent_lab.py has an agent find dom0 through it)
+    assert policy_state(policy(), []).shape.mdns == ("10.10.0.0/24", "10.20.0.0/24")
+    assert "224.0.0.251" not in str(
+        chains(policy_state(policy(quiet), []).shape)["inet"]["to_host"]
+    )
+    assert "224.0.0.251" in str(chains(policy_state(policy(), []).shape)["inet"]["to_host"])

@@ -149,6 +149,9 @@ class Meter:
     size: int = 65535
 
 
+MDNS_GROUP = "224.0.0.251"  # (controller/sources/advertise.py answers there)
+MDNS_PORT = 5353
+
 SETS: dict[tuple[str, str], SetSpec] = {
     (s.family, s.name): s
     for s in (
@@ -834,6 +837,18 @@ def _inet(shape: Shape) -> dict[str, Chain]:
         ],
         [NEW, jump("machine_limits")],
     ]
+    if shape.mdns:
+        # agents' discovery: a query to the mDNS group from where agents enroll
+        # (dom0's answers go out as any of its own packets do)
+        to_host.append(
+            [
+                match(meta("iifname"), bridge),
+                match(pl("ip", "saddr"), {"set": [prefix(p) for p in shape.mdns]}),
+                match(pl("ip", "daddr"), MDNS_GROUP),
+                match(pl("udp", "dport"), MDNS_PORT),
+                ACCEPT,
+            ]
+        )
     if shape.hub and shape.underlay and shape.hub_port and shape.hub_gateway:
         # a hub machine's bridge address may only dial the hub
         to_host.append(
