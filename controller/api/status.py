@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from common.agentconfig import MAX_CONTAINERS
@@ -25,6 +25,7 @@ def status(
     agents: list[dict[str, object]] | None = None,
 ) -> dict[str, Any]:
     s = rec.stats
+    by_name = {str(a.get("name")): a for a in agents or ()}
     return {
         "ok": True,
         # the CA's root or issuing intermediate near expiry (or gone): an
@@ -49,14 +50,12 @@ def status(
             "last_error": s.last_error,
             "uptime": round(time.time() - s.started, 1),
         },
-        "machines": [
-            with_containers(m.to_json(), rec.policy, agents or ()) for m in rec.machines()
-        ],
+        "machines": [with_containers(m.to_json(), rec.policy, by_name) for m in rec.machines()],
     }
 
 
 def with_containers(
-    machine: dict[str, Any], policy: Policy, agents: Iterable[Mapping[str, object]] = ()
+    machine: dict[str, Any], policy: Policy, agents: Mapping[str, Mapping[str, object]]
 ) -> dict[str, Any]:
     """A machine's row with the prefix dom0 delegates to it and the
     containers its agent reports there. The report is the tenant's word:
@@ -65,7 +64,7 @@ def with_containers(
     prefix = domain.delegated(machine.get("address")) if domain is not None else None
     if prefix is None:
         return machine
-    agent = next((a for a in agents if a.get("name") == machine.get("name")), None)
+    agent = agents.get(str(machine.get("name")))  # (agents by name)
     report = agent.get("report") if agent is not None else None
     listed = report.get("containers") if isinstance(report, Mapping) else None
     shown: list[dict[str, str]] = []

@@ -142,7 +142,7 @@ def test_containers_packets_in_the_fake() -> None:
 
 
 def row(report: object) -> dict:
-    agents = [{"name": "web1.x.internal", "report": report}]
+    agents = {"web1.x.internal": {"name": "web1.x.internal", "report": report}}
     m = {"name": "web1.x.internal", "domain": "x", "address": "10.10.0.5"}
     return with_containers(m, policy(), agents)
 
