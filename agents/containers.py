@@ -313,13 +313,19 @@ def _bridge(ipr: IPRoute, name: str) -> int:
     return int(m["index"])
 
 
-def _bridge_address(ipr: IPRoute, index: int, name: str, cidr: str) -> None:
-    """`cidr` on the bridge, and no other address of the agent's there."""
-    present = []
+def _addresses_on(ipr: IPRoute, index: int) -> list[tuple[str, bool]]:
+    """The IPv4 addresses on interface `index`, CIDR, and whether each is the agent's."""
+    out = []
     for m in ipr.get_addr(family=socket.AF_INET):
         if m["index"] == index:
             ip = m.get("IFA_LOCAL") or m.get("IFA_ADDRESS")
-            present.append((f"{ip}/{m['prefixlen']}", m.get("IFA_PROTO") == AGENT_PROTO))
+            out.append((f"{ip}/{m['prefixlen']}", m.get("IFA_PROTO") == AGENT_PROTO))
+    return out
+
+
+def _bridge_address(ipr: IPRoute, index: int, name: str, cidr: str) -> None:
+    """`cidr` on the bridge, and no other address of the agent's there."""
+    present = _addresses_on(ipr, index)
     for have, owned in present:
         if owned and have != cidr:
             with _step(f"removing address {have} from {name}"):
@@ -753,11 +759,7 @@ def _configure_end(index: int, address: str | None, via: str | None) -> None:
                 with _gone(errno.ESRCH):
                     ipr.route("del", family=socket.AF_INET, dst="0.0.0.0", dst_len=0,
                               table=MAIN_TABLE, proto=AGENT_PROTO)  # fmt: skip
-        present = []
-        for m in ipr.get_addr(family=socket.AF_INET):
-            if m["index"] == index:
-                ip = m.get("IFA_LOCAL") or m.get("IFA_ADDRESS")
-                present.append((f"{ip}/{m['prefixlen']}", m.get("IFA_PROTO") == AGENT_PROTO))
+        present = _addresses_on(ipr, index)
         for have, owned in present:
             if owned and have != address:
                 iface = ipaddress.IPv4Interface(have)
