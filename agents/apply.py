@@ -11,6 +11,21 @@ the configuration; its private key is the agent's own, root/wg.key. The
 containers' bridge, forwarding and rule are a step of the same pass
 (agents/containers.py converge), rolled back with the rest.
 
+A remap is make-before-break. The address the machine held before is kept through
+the grace in `config.deprecated`, on the interface that holds the domain address,
+with a preferred lifetime of 0 (valid forever): connections open on it go on. New
+ones leave from the new address because every route the agent installs names its
+device's first address of the family as `src` (for IPv4 the deprecated mark alone
+does not change source selection). An address that turns from preferred to
+deprecated, or back, has its lifetimes changed in place, never removed and added
+again: that would cut what is open on it. A pass puts the wanted addresses and the
+routes in place before it removes what is stale, since IPv4 deletes a route with the
+address it leaves from. promote_secondaries is on for IPv4 on the link and the
+tunnel, so that removing the old address when the grace is over (in a bridge domain
+the subnet's primary) keeps the new one and the routes. (The kernel's own route to
+the subnet keeps the primary's source until then: a new connection to an on-link
+neighbour, dom0's gateway included, leaves from the old address during the grace.)
+
 A pass that fails converges back to the previous configuration (with none: takes
 away everything marked), so a configuration the kernel refuses leaves the machine
 as it was, and the one-line reason becomes the Nack's error.
@@ -52,6 +67,10 @@ MAX_ERROR = 1000  # the Nack's error
 _SCOPE_LINK = 253
 _IFF_UP = 0x1
 _IFA_F_NODAD = 0x02
+_IFA_F_DEPRECATED = 0x20
+_IFA_F_PERMANENT = 0x80  # valid forever
+FOREVER = 0xFFFFFFFF  # a lifetime of IFA_CACHEINFO
+_CONF4 = Path("/proc/sys/net/ipv4/conf")  # this namespace's (as containers.FORWARDING)
 _ETC_HOSTNAME = Path("/etc/hostname")
 
 
@@ -64,9 +83,26 @@ class ApplyError(Exception):
 
 @dataclass(frozen=True, slots=True, order=True)
 class _Address:
+    """An address is known by where it is and what it is; its lifetimes are its state."""
+
     index: int
     cidr: str  # canonical, as common.agentconfig writes it: 10.10.0.5/24
     owned: bool = field(default=True, compare=False)
+    # Preferred lifetime 0 (new connections do not choose it); wanted: in config.deprecated.
+    deprecated: bool = field(default=False, compare=False)
+    # A lifetime that is not forever (it will change by itself): never as the agent sets
+    # them (valid forever; preferred forever, or 0 when deprecated).
+    expires: bool = field(default=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _AddressChanges:
+    """In the order of a pass: `clear`, `add`, `change`, the routes, `delete`."""
+
+    clear: list[_Address]  # the agent's, not wanted, in the way of one to add
+    add: list[_Address]  # wanted and not there, as here
+    change: list[_Address]  # the agent's, wanted with other lifetimes: set in place, as here
+    delete: list[_Address]  # the agent's other ones not wanted (anywhere in the namespace)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +110,7 @@ class _Route:
     to: str  # a canonical network: 0.0.0.0/0
     via: str | None
     index: int  # the output interface (0: none, e.g. a multipath route somebody made)
+    src: str | None = None  # the preferred source (RTA_PREFSRC): the device's first address
     metric: int = field(default=0, compare=False)
 
     @property
@@ -99,16 +136,46 @@ def _pick_link(links: Iterable[_Link], mac: str) -> _Link | None:
     return min(found, key=lambda link: link.index) if found else None
 
 
-def _stale_addresses(wanted: Collection[_Address], present: Iterable[_Address]) -> list[_Address]:
-    """The agent's own addresses no longer wanted (anywhere in the namespace: also on a
-    link whose MAC the configuration no longer names)."""
-    return sorted(a for a in present if a.owned and a not in wanted)
+def _wanted_addresses(config: MachineConfig, link: int, tunnel: int | None) -> set[_Address]:
+    """The configuration's addresses on its interfaces: `deprecated` beside the domain
+    address (on the tunnel when there is one, else on the link)."""
+    wanted = {_Address(link, a) for a in config.addresses}
+    domain = link
+    if config.tunnel is not None:
+        if tunnel is None:
+            raise ApplyError(f"tunnel {config.tunnel.interface}: no interface")
+        wanted.add(_Address(tunnel, config.tunnel.address))
+        domain = tunnel
+    # (the schema refuses an address both in `deprecated` and wanted preferred)
+    return wanted | {_Address(domain, a, deprecated=True) for a in config.deprecated}
 
 
-def _missing_addresses(wanted: Iterable[_Address], present: Iterable[_Address]) -> list[_Address]:
-    """Wanted addresses not there; one somebody else put there (a DHCP lease) counts
-    as there and stays theirs."""
-    return sorted(set(wanted) - set(present))
+def _address_changes(wanted: Collection[_Address], present: Iterable[_Address]) -> _AddressChanges:
+    """What makes `present` the wanted addresses. The agent's own no longer wanted go
+    (anywhere in the namespace: also on a link whose MAC the configuration no longer
+    names), after the wanted ones are in place, except those in the way of one; one
+    there with other lifetimes is changed, not removed (what is open on it goes on);
+    one somebody else put there (a DHCP lease) counts as there, as it is, and stays
+    theirs."""
+    here = {a: a for a in present}
+    stale = sorted(a for a in here if a.owned and a not in wanted)
+    change, add = [], []
+    for w in sorted(wanted):
+        p = here.get(w)
+        if p is None:
+            add.append(w)
+        elif p.owned and (p.deprecated != w.deprecated or p.expires):
+            change.append(w)
+    # IPv6 knows an interface's address by its IP alone (IPv4 takes one IP with two
+    # prefix lengths): the old prefix length goes first.
+    taken = {(a.index, _ip(a)) for a in add if _ip(a).version == 6}
+    clear = [a for a in stale if (a.index, _ip(a)) in taken]
+    delete = [a for a in stale if (a.index, _ip(a)) not in taken]
+    return _AddressChanges(clear, add, change, delete)
+
+
+def _ip(a: _Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_interface(a.cidr).ip
 
 
 def _route_changes(
@@ -127,6 +194,12 @@ def _route_order(r: _Route) -> tuple[str, str, int]:
     return (r.to, r.via or "", r.index)
 
 
+def _first(cidrs: Iterable[str], version: int) -> str | None:
+    """The IP of the first address of this family: what the device's routes leave from."""
+    ips = (ipaddress.ip_interface(c).ip for c in cidrs)
+    return next((str(ip) for ip in ips if ip.version == version), None)
+
+
 def _check(config: MachineConfig) -> None:
     """What the schema allows but no pass could converge to, refused before any change."""
     from agents import containers  # (it imports this module)
@@ -140,12 +213,20 @@ def _check(config: MachineConfig) -> None:
 
 
 def _wanted_routes(config: MachineConfig, link: int, tunnel: int | None) -> list[_Route]:
+    """The configuration's routes, each with the source new connections leave from: the
+    first address of its family on its device (after a remap the new one, never a
+    deprecated one)."""
     routes = []
     for r in config.routes:
-        index = link if r.dev == "link" else tunnel
-        if index is None:  # (the schema refuses it)
+        own: Sequence[str]
+        if r.dev == "link":
+            index, own = link, config.addresses
+        elif tunnel is not None and config.tunnel is not None:
+            index, own = tunnel, (config.tunnel.address,)
+        else:  # (the schema refuses it)
             raise ApplyError(f"route {r.to}: through the tunnel, but there is no tunnel")
-        routes.append(_Route(r.to, r.via, index))
+        src = _first(own, ipaddress.ip_network(r.to).version)
+        routes.append(_Route(r.to, r.via, index, src=src))
     return routes
 
 
@@ -204,7 +285,15 @@ def _read_addresses(ipr: IPRoute) -> list[_Address]:
     for m in ipr.get_addr():
         ip = m.get("IFA_LOCAL") or m.get("IFA_ADDRESS")
         cidr = str(ipaddress.ip_interface(f"{ip}/{m['prefixlen']}"))
-        out.append(_Address(m["index"], cidr, owned=m.get("IFA_PROTO") == AGENT_PROTO))
+        flags = m.get("IFA_FLAGS") or m["flags"]
+        cache = m.get("IFA_CACHEINFO")
+        preferred = cache["ifa_preferred"] if cache is not None else FOREVER
+        deprecated = bool(flags & _IFA_F_DEPRECATED)
+        # (IPv4 shows a permanent address's preferred lifetime as forever and never ages
+        # it; IPv6 shows what is left of it)
+        expires = not flags & _IFA_F_PERMANENT or (not deprecated and preferred != FOREVER)
+        owned = m.get("IFA_PROTO") == AGENT_PROTO
+        out.append(_Address(m["index"], cidr, owned, deprecated=deprecated, expires=expires))
     return out
 
 
@@ -216,12 +305,13 @@ def _read_routes(ipr: IPRoute) -> list[_Route]:
             continue
         dst = m.get("RTA_DST") or ("::" if m["family"] == socket.AF_INET6 else "0.0.0.0")
         to = str(ipaddress.ip_network(f"{dst}/{m['dst_len']}", strict=False))
-        via = m.get("RTA_GATEWAY")
+        via, src = m.get("RTA_GATEWAY"), m.get("RTA_PREFSRC")
         out.append(
             _Route(
                 to,
                 str(ipaddress.ip_address(via)) if via else None,
                 m.get("RTA_OIF") or 0,
+                src=str(ipaddress.ip_address(src)) if src else None,
                 metric=m.get("RTA_PRIORITY") or 0,
             )
         )
@@ -239,6 +329,18 @@ def _kind(prefer: str) -> Kind | None:
     if prefer == "userspace":
         return "userspace"
     raise ValueError(f"WireGuard backend must be 'auto', 'kernel' or 'userspace', not {prefer!r}")
+
+
+def _promote_secondaries(name: str) -> None:
+    """Removing an interface's primary IPv4 address keeps the other addresses of its
+    subnet (and the routes from them), one promoted: when a remap's grace is over the
+    old address goes and the new one stays. Left on when the agent's addresses go:
+    the VM's network is the agent's, and nothing there relies on it being off."""
+    path = _CONF4 / name / "promote_secondaries"
+    with _step(f"promote_secondaries on {name}"):
+        if path.read_text().strip() != "1":
+            path.write_text("1\n")
+            log.info("agent: promote_secondaries on %s", name)
 
 
 def _write_if_changed(path: Path, text: str, *, atomic: bool = True) -> None:
@@ -284,7 +386,8 @@ class Applier:
 
     def observe(self, config: MachineConfig) -> dict[str, Any]:
         """What is in place now, as plain JSON for a status report: the link's addresses
-        (anybody's), the tunnel (None if its interface is missing), the agent's routes."""
+        (anybody's) and which of them are deprecated, the tunnel's the same way (None if
+        its interface is missing), the agent's routes with their sources."""
         with IPRoute() as ipr:
             links = _read_links(ipr)
             addresses = _read_addresses(ipr)
@@ -295,16 +398,22 @@ class Applier:
         if config.tunnel is not None:
             wg_link = _by_name(links, config.tunnel.interface)
             if wg_link is not None:
+                on_wg = [a for a in addresses if a.index == wg_link.index]
                 tunnel = {
                     "interface": wg_link.name,
-                    "addresses": [a.cidr for a in addresses if a.index == wg_link.index],
+                    "addresses": [a.cidr for a in on_wg],
+                    "deprecated": [a.cidr for a in on_wg if a.deprecated],
                     "latest_handshake": self._latest_handshake(config.tunnel),
                 }
+        on_link = [a for a in addresses if link and a.index == link.index]
         return {
             "interface": link.name if link else None,
-            "addresses": [a.cidr for a in addresses if link and a.index == link.index],
+            "addresses": [a.cidr for a in on_link],
+            "deprecated": [a.cidr for a in on_link if a.deprecated],
             "tunnel": tunnel,
-            "routes": [{"to": r.to, "via": r.via, "dev": names.get(r.index)} for r in routes],
+            "routes": [
+                {"to": r.to, "via": r.via, "dev": names.get(r.index), "src": r.src} for r in routes
+            ],
         }
 
     # ---- one pass ------------------------------------------------------------------------
@@ -330,20 +439,24 @@ class Applier:
             # The bridge's address is containers.converge's: not stale here.
             theirs = {link.index for link in links if link.name == bridge}
             if config is None:
-                self._addresses(ipr, set(), names, theirs)
-                self._routes(ipr, [], names)
+                self._network(ipr, set(), [], names, theirs)
                 containers.converge(None, bridge=bridge)
                 return
             link = self._link(ipr, links, config.mac)
-            wanted = {_Address(link.index, a) for a in config.addresses}
+            _promote_secondaries(link.name)  # before any address changes
             tunnel_index, new = None, False
             if config.tunnel is not None:
                 wg_link, new = self._tunnel_link(ipr, config.tunnel)
                 tunnel_index = wg_link.index
                 names[wg_link.index] = wg_link.name
-                wanted.add(_Address(wg_link.index, config.tunnel.address))
-            self._addresses(ipr, wanted, names, theirs)
-            self._routes(ipr, _wanted_routes(config, link.index, tunnel_index), names)
+                _promote_secondaries(wg_link.name)
+            self._network(
+                ipr,
+                _wanted_addresses(config, link.index, tunnel_index),
+                _wanted_routes(config, link.index, tunnel_index),
+                names,
+                theirs,
+            )
             # After the routes: the gateway of the containers' table is on-link by now.
             containers.converge(config, bridge=bridge)
             if config.tunnel is not None:
@@ -391,11 +504,35 @@ class Applier:
             )
             wg.replace_peers(t.interface, [peer])
 
-    def _addresses(
-        self, ipr: IPRoute, wanted: set[_Address], names: dict[int, str], theirs: set[int]
+    def _network(
+        self,
+        ipr: IPRoute,
+        wanted: set[_Address],
+        routes: list[_Route],
+        names: dict[int, str],
+        theirs: set[int],
     ) -> None:
-        present = [a for a in _read_addresses(ipr) if a.index not in theirs]
-        for a in _stale_addresses(wanted, present):
+        """Addresses and routes, make-before-break: the wanted addresses in place, the
+        routes leaving from them, and only then the agent's other addresses removed. A
+        route then never leaves from an address about to go (IPv4 deletes such a route
+        with the address: no moment without a default route, also in a rollback)."""
+
+        def present() -> list[_Address]:
+            return [a for a in _read_addresses(ipr) if a.index not in theirs]
+
+        changes = _address_changes(wanted, present())
+        self._remove_addresses(ipr, changes.clear, names)
+        self._put_addresses(ipr, changes, names)
+        self._routes(ipr, routes, names)
+        if self._remove_addresses(ipr, changes.delete, names):
+            # Removing a primary IPv4 address where promote_secondaries is off (not the
+            # link or the tunnel) takes the other addresses of its subnet, and the
+            # routes leaving from them: what went comes back (as a rule nothing did).
+            self._put_addresses(ipr, _address_changes(wanted, present()), names)
+            self._routes(ipr, routes, names)
+
+    def _remove_addresses(self, ipr: IPRoute, gone: list[_Address], names: dict[int, str]) -> bool:
+        for a in gone:
             with _step(f"removing address {a.cidr} from {names.get(a.index, a.index)}"):
                 iface = ipaddress.ip_interface(a.cidr)
                 try:
@@ -410,20 +547,35 @@ class Applier:
                     if e.code != errno.EADDRNOTAVAIL:
                         raise
                 log.info("agent: removed address %s", a.cidr)
-        # Read again: removing a primary IPv4 address may have taken wanted secondaries.
-        for a in _missing_addresses(wanted, _read_addresses(ipr)):
+        return bool(gone)
+
+    def _put_addresses(self, ipr: IPRoute, changes: _AddressChanges, names: dict[int, str]) -> None:
+        # The new before the old is deprecated: IPv6 has a preferred address throughout.
+        for a in changes.add:
             with _step(f"address {a.cidr} on {names.get(a.index, a.index)}"):
-                iface = ipaddress.ip_interface(a.cidr)
-                ipr.addr(
-                    "add",
-                    index=a.index,
-                    address=str(iface.ip),
-                    prefixlen=iface.network.prefixlen,
-                    proto=AGENT_PROTO,
-                    # usable at once: the controller allocated it, nobody else has it
-                    flags=_IFA_F_NODAD if iface.version == 6 else 0,
-                )
-                log.info("agent: added address %s", a.cidr)
+                ipr.addr("add", **self._address_keys(a))
+                log.info("agent: added address %s%s", a.cidr, " deprecated" if a.deprecated else "")
+        for a in changes.change:
+            state = "deprecated" if a.deprecated else "preferred"
+            with _step(f"address {a.cidr} on {names.get(a.index, a.index)} {state}"):
+                # in place: removed and added again, what is open on it would be cut
+                ipr.addr("replace", **self._address_keys(a))
+                log.info("agent: address %s %s", a.cidr, state)
+
+    @staticmethod
+    def _address_keys(a: _Address) -> dict[str, Any]:
+        iface = ipaddress.ip_interface(a.cidr)
+        return {
+            "index": a.index,
+            "address": str(iface.ip),
+            "prefixlen": iface.network.prefixlen,
+            "proto": AGENT_PROTO,  # also on a replace: the kernel takes it anew
+            # usable at once: the controller allocated it, nobody else has it
+            "flags": _IFA_F_NODAD if iface.version == 6 else 0,
+            # (pyroute2 puts both in IFA_CACHEINFO; the kernel's deprecated is preferred 0)
+            "preferred_lft": 0 if a.deprecated else FOREVER,
+            "valid_lft": FOREVER,
+        }
 
     def _routes(self, ipr: IPRoute, wanted: list[_Route], names: dict[int, str]) -> None:
         delete, replace = _route_changes(wanted, _read_routes(ipr))
@@ -439,9 +591,11 @@ class Applier:
             where = f"via {r.via}" if r.via else f"dev {names.get(r.index, r.index)}"
             with _step(f"route {r.to} {where}"):
                 scope = {} if r.via or r.family == socket.AF_INET6 else {"scope": _SCOPE_LINK}
-                # replace: a DHCP client's route to the same destination becomes ours
-                ipr.route("replace", **self._route_keys(r), **scope)
-                log.info("agent: route %s %s", r.to, where)
+                src = {"prefsrc": r.src} if r.src else {}
+                # replace: a DHCP client's route to the same destination becomes ours, and
+                # one of ours with another source changes without a moment gone
+                ipr.route("replace", **self._route_keys(r), **scope, **src)
+                log.info("agent: route %s %s src %s", r.to, where, r.src)
 
     @staticmethod
     def _route_keys(r: _Route) -> dict[str, Any]:

@@ -81,6 +81,20 @@ def parser() -> argparse.ArgumentParser:
         help="write the hostname to ROOT/hostname only (a VM that is a network namespace "
         "shares its host's hostname)",
     )
+    run.add_argument(
+        "--system-root",
+        type=Path,
+        default=Path("/"),
+        help="the VM's root directory, for its resolver configuration (etc/resolv.conf, or "
+        "systemd-resolved's drop-in); default /",
+    )
+    run.add_argument(
+        "--dns-listen",
+        default="127.0.0.1",
+        type=_address,
+        help="where the VM's DNS stub listens, port 53 (default 127.0.0.1; systemd-resolved "
+        "holds 127.0.0.53)",
+    )
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     status = sub.add_parser("status", help="what this agent holds: enrolment, certificate, config")
     status.add_argument("--root", required=True, type=Path)
@@ -89,10 +103,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from functools import partial
+
     import trio
 
     from agents.apply import Applier
     from agents.containers import Watcher
+    from agents.dns import DnsFollower, dns_context
     from agents.files import Root
     from agents.session import Agent
 
@@ -110,13 +127,13 @@ def _run(args: argparse.Namespace) -> int:
     applier = Applier(root.path, set_hostname=not args.no_set_hostname, prefer=args.wireguard)
     discover = None
     if args.server is None:
-        from functools import partial
-
         from agents.discover import browse
 
         discover = partial(browse, DISCOVER_TIMEOUT)
+    follower = DnsFollower(args.system_root, partial(dns_context, root),
+                           ((args.dns_listen, 53),))  # fmt: skip
     agent = Agent(root, applier, args.server, args.port, server_name=args.server_name,
-                  containers=Watcher(root.path), discover=discover)  # fmt: skip
+                  containers=Watcher(root.path), discover=discover, dns=follower)  # fmt: skip
     try:
         trio.run(agent.run)
     except KeyboardInterrupt:

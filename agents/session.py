@@ -45,6 +45,7 @@ from common.agentconfig import MachineConfig
 
 if TYPE_CHECKING:
     from agents.containers import Watcher
+    from agents.dns import DnsFollower
 
 log = logging.getLogger("dom0.agent")
 
@@ -134,6 +135,7 @@ class Agent:
     # (version, reason) of the last configuration refused, for the status report
     last_nack: tuple[int, str] | None = None
     containers: Watcher | None = None  # the VM's containers (None: not this agent's business)
+    dns: DnsFollower | None = None  # the VM's DNS stub (None: not this agent's business)
     # Where dom0 may be, (address, port), for an agent given no --server: a
     # hint only (agents/discover.py), each tried with TLS verified against
     # the pinned CA; blocking, run in a thread.
@@ -163,9 +165,11 @@ class Agent:
         log.info("applied the last-known-good configuration, version %d", known.version)
 
     def _follow(self) -> None:
-        """The container watcher follows the configuration in place."""
+        """The container watcher and the DNS stub follow the configuration in place."""
         if self.containers is not None and self.known is not None:
             self.containers.configure(self.known.config)
+        if self.dns is not None and self.known is not None:
+            self.dns.configure(self.known.config)
 
     async def run(self) -> None:
         """Forever: enroll if need be, then connect, and again after each end; the
@@ -173,6 +177,8 @@ class Agent:
         async with trio.open_nursery() as nursery:
             if self.containers is not None:
                 await nursery.start(self.containers.run)
+            if self.dns is not None:
+                await nursery.start(self.dns.run)
             await self._run()
 
     async def _run(self) -> None:
@@ -397,6 +403,8 @@ class Agent:
                 report["observe_error"] = _one_line(str(e))[:200]
         if self.containers is not None:
             report["containers"] = self.containers.report()
+        if self.dns is not None:
+            report["dns"] = self.dns.report()
         if self.last_nack is not None:
             report["last_nack"] = {"version": self.last_nack[0], "error": self.last_nack[1]}
         return wire.Status(version_applied=self.known.version if self.known else None,

@@ -12,10 +12,19 @@ What an agent applies, and owns from then on (agents/apply.py):
 - `addresses` on the interface whose MAC is `mac` (the one the controller
   sees on its bridge port): the domain address and /64 of a bridge domain,
   or the underlay address of a hub machine;
+- `deprecated`: addresses the machine held before a remap, kept through its
+  grace beside the new one on the interface that holds the domain address
+  (the tunnel's when there is one, else the link), deprecated: connections
+  already open on them go on, new ones leave from the new address (every
+  route the agent installs names its device's first address as its source);
+  when the grace is over they leave the configuration and the agent removes
+  them;
 - `tunnel`: a hub machine's WireGuard interface to dom0's hub (its private
   key is the agent's own, never in the config), the domain address on it;
 - `routes`, through the link or through the tunnel;
 - `hostname`;
+- `dns`: dom0's DNS-over-TLS address, which the agent's stub resolver
+  forwards the VM's queries to (agents/dns.py);
 - `containers`: the prefix dom0 delegates to this machine's containers
   (agents/containers.py): the agent's container bridge takes its first
   address, each container one of the rest, and what they send is routed
@@ -182,6 +191,10 @@ class MachineConfig:
     routes: tuple[Route, ...] = ()
     tunnel: Tunnel | None = None
     containers: str | None = None  # the delegated IPv4 prefix, e.g. 10.30.0.16/28
+    # dom0's DNS over TLS (port 853) for this machine: its resolver (agents/dns.py)
+    dns: str | None = None
+    # addresses kept through a remap's grace, deprecated (on the tunnel if any, else the link)
+    deprecated: tuple[str, ...] = ()
     schema: int = field(default=SCHEMA)
 
     def __post_init__(self) -> None:
@@ -204,6 +217,20 @@ class MachineConfig:
             _need("config.containers", net.version == 4 and MIN_CONTAINERS <= net.prefixlen
                   <= MAX_CONTAINERS, self.containers,
                   f"an IPv4 network of /{MIN_CONTAINERS} to /{MAX_CONTAINERS}")  # fmt: skip
+        if self.dns is not None:
+            _address("config.dns", self.dns)
+        # By IP, not CIDR: one address cannot be both preferred and deprecated, and the
+        # kernel knows an IPv6 address by its IP alone.
+        taken = {ipaddress.ip_interface(a).ip: "not in config.addresses" for a in self.addresses}
+        if self.tunnel is not None:
+            tunnel_ip = ipaddress.ip_interface(self.tunnel.address).ip
+            taken[tunnel_ip] = "other than config.tunnel.address"
+        for i, a in enumerate(_list("config.deprecated", list(self.deprecated), MAX_ADDRESSES)):
+            path = f"config.deprecated[{i}]"
+            _cidr(path, a)
+            ip = ipaddress.ip_interface(a).ip
+            _need(path, ip not in taken, a, f"an address {taken.get(ip)}")
+            taken[ip] = "not earlier in config.deprecated"
 
 
 def to_wire(config: MachineConfig) -> dict[str, Any]:
@@ -227,13 +254,17 @@ def to_wire(config: MachineConfig) -> dict[str, Any]:
             "keepalive": config.tunnel.keepalive,
         },
         "containers": config.containers,
+        "dns": config.dns,
+        "deprecated": list(config.deprecated),
     }
     parse(obj)  # what the agent will check, checked here first
     return obj
 
 
 _CONFIG_KEYS = ("schema", "name", "hostname", "mac", "addresses", "routes", "tunnel",
-                "containers")  # fmt: skip
+                "containers", "dns", "deprecated")  # fmt: skip
+# Absent in a last-known-good kept before dom0 served DNS, or remapped: None, or [].
+_OPTIONAL_KEYS: Final[dict[str, Any]] = {"dns": None, "deprecated": []}
 _ROUTE_KEYS = ("to", "via", "dev")
 _TUNNEL_KEYS = ("interface", "address", "peer_public_key", "endpoint", "allowed_ips", "mtu",
                 "keepalive")  # fmt: skip
@@ -241,6 +272,8 @@ _TUNNEL_KEYS = ("interface", "address", "peer_public_key", "endpoint", "allowed_
 
 def parse(obj: object) -> MachineConfig:
     """The configuration in a Config message's object, or ConfigError."""
+    if isinstance(obj, dict):
+        obj = {**_OPTIONAL_KEYS, **obj}
     o = _object("config", obj, _CONFIG_KEYS)
     _integer("config.schema", o["schema"], SCHEMA, SCHEMA)
     routes = []
@@ -262,6 +295,7 @@ def parse(obj: object) -> MachineConfig:
         except (TypeError, ValueError) as e:  # (an endpoint's port that int() refuses)
             raise ConfigError(f"config.tunnel: {e}") from None
     addresses = _list("config.addresses", o["addresses"], MAX_ADDRESSES)
+    deprecated = _list("config.deprecated", o["deprecated"], MAX_ADDRESSES)
     return MachineConfig(
         name=o["name"],
         hostname=o["hostname"],
@@ -270,5 +304,7 @@ def parse(obj: object) -> MachineConfig:
         routes=tuple(routes),
         tunnel=tunnel,
         containers=o["containers"],
+        dns=o["dns"],
+        deprecated=tuple(deprecated),
         schema=o["schema"],
     )

@@ -259,3 +259,29 @@ async def wait_exit_async(rec: ProcessRecord) -> None:
         finally:
             os.close(fd)
     reap(rec.pid)
+
+
+async def exited_before(rec: ProcessRecord, changed: Any, *beside: Any) -> bool:
+    """For a trio supervisor: True once the recorded process has exited, False
+    once `changed()` (a trio.Event) is set; `beside` are async functions run
+    meanwhile (cancelled with the rest)."""
+    import trio
+
+    exited = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch_exit() -> None:
+            nonlocal exited
+            await wait_exit_async(rec)
+            exited = True
+            nursery.cancel_scope.cancel()
+
+        async def watch_change() -> None:
+            await changed().wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_exit)
+        nursery.start_soon(watch_change)
+        for task in beside:
+            nursery.start_soon(task)
+    return exited

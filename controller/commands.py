@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _ask(sub)
     _wg(sub)
     _machine(sub)
+    _remap(sub)
     _host(sub)
     _flush(sub)
     _lab(sub)
@@ -214,6 +215,26 @@ def _machine(sub: argparse._SubParsersAction) -> None:
         return renew_command(args.state, args.name, as_json=args.json)
 
     r.set_defaults(handler=handler)
+
+
+def _remap(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("remap", help="give machines new addresses (make-before-break)")
+    rsub = p.add_subparsers(dest="remap_command", metavar="ACTION", parser_class=type(p))
+    rsub.required = True
+    n = rsub.add_parser(
+        "now",
+        help="remap now: every machine of the domains with remap_every, or one machine",
+    )
+    n.add_argument("--machine", metavar="NAME", help="only this machine (name or MAC)")
+    n.add_argument("--state", default=DEFAULT_STATE, metavar="DIR", help=STATE_HELP)
+    n.add_argument("--json", action="store_true", help=ASK_JSON_HELP)
+
+    def handler(args: argparse.Namespace) -> int:
+        from controller.control import remap_command
+
+        return remap_command(args.state, args.machine, as_json=args.json)
+
+    n.set_defaults(handler=handler)
 
 
 def _host(sub: argparse._SubParsersAction) -> None:

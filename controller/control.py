@@ -167,3 +167,32 @@ def renew_command(state_dir: str, name: str, *, as_json: bool = False) -> int:
     if reply.get("ok"):
         return 0
     return 2 if reply.get("usage") else 1
+
+
+def remap_command(state_dir: str, machine: str | None, *, as_json: bool = False) -> int:
+    """`dom0 remap now [--machine NAME]`: new addresses now, the old ones kept
+    through the grace (the running controller does it)."""
+    try:
+        reply = request(state_dir, "remap", name=machine)
+    except (OSError, ValueError) as e:
+        return failed("dom0 remap now", unreachable(state_dir, e), as_json=as_json)
+    if as_json:
+        print(json.dumps(reply))
+    elif reply.get("ok"):
+        moved = reply.get("moved", [])
+        if not moved:
+            print("nothing to remap")
+        for m in moved:
+            print(f"{m['name']}: {m['from']} -> {m['to']} ({m['from']} kept until "
+                  f"{_clock(m['until'])})")  # fmt: skip
+    else:
+        print(f"dom0 remap now: {reply.get('error')}", file=sys.stderr)
+    if reply.get("ok"):
+        return 0
+    return 2 if reply.get("usage") else 1
+
+
+def _clock(t: object) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(int(t), UTC).isoformat() if isinstance(t, int) else "?"

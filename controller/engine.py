@@ -19,11 +19,13 @@ running.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +39,8 @@ from common.wireguard import WireGuard, detect
 from controller import control
 from controller.api import handlers, status
 from controller.core import inventory as inv
+from controller.core.allocation import Allocation
+from controller.core.desired import fqdn_of
 from controller.core.leases import Leases
 from controller.drivers.addresses import Addresses, enable_forwarding
 from controller.drivers.carrier import Carrier, CarrierError
@@ -47,6 +51,7 @@ from controller.policy.load import PolicyError, load_or_report, load_policy
 from controller.policy.model import Policy
 from controller.reconcile import Reconciler
 from controller.runlock import LOCK_NAME, claim
+from controller.sitedns import SiteDns
 from controller.sources import leases
 from controller.sources.netlink import NetlinkSource
 from controller.store import StoreError
@@ -70,11 +75,19 @@ class CheckKillswitch:
     pass
 
 
+@dataclass(frozen=True)
+class Wake:
+    """The reconciler has work marked already (a remap): only sync it."""
+
+    why: str
+
+
 # Everything the reconcile loop takes.
-Item = inv.Event | Leases | Reload | Resync | CheckKillswitch
+Item = inv.Event | Leases | Reload | Resync | CheckKillswitch | Wake
 KILLSWITCH_CHECK = 5.0  # seconds, at most (and at most half the resync period)
 RETRY = 1.0  # seconds between a driver's failure and the sync that retries it
 CA_CHECK = 3600.0  # seconds between the CA's expiry warnings in the log
+REMAP_CHECK = 30.0  # seconds between looks at the remap schedule, at most
 # A renewal's carrier stays down this long (seconds) after dnsmasq holds the
 # new reservation: a client sees the loss (and dnsmasq has read the file) before
 # it comes back; RENEW_WAIT_MAX bounds the wait for a restarting dnsmasq.
@@ -96,6 +109,7 @@ class Controller:
         self.state_dir = state_dir
         self.resync_every = resync
         self.dnsmasq = Dnsmasq(state_dir)
+        self.dns = SiteDns(state_dir)
         addresses = Addresses()
         self.carrier = Carrier(addresses.ipr)
         self.flapping: set[str] = set()  # ports whose carrier is down for a renewal now
@@ -110,6 +124,7 @@ class Controller:
             renew=self._renew,
             bridge_netfilter=bridge_netfilter,
         )
+        self.reconciler.has_agent = self._agent_connected
         self.last_policy_error: str | None = None
         self.agent_listener: object | None = None  # (once dom0 has a CA)
         self.enrollment: Any = None  # controller/pki/enroll.py's, once dom0 has a CA
@@ -124,6 +139,12 @@ class Controller:
             self.nursery = nursery
             nursery.start_soon(self._signals, nursery.cancel_scope)
             nursery.start_soon(self.dnsmasq.run)
+            authority = self._authority()
+            self.dns.configure(self.reconciler.policy, authority, datetime.now(UTC))
+            nursery.start_soon(self.dns.unbound.run)
+            nursery.start_soon(self.dns.run, self._dns_snapshot)
+            if authority is not None:
+                nursery.start_soon(self.dns.renewals, lambda: self.reconciler.policy, authority)
             netlink = NetlinkSource()
             await nursery.start(netlink.run, self.send.clone())
             await nursery.start(leases.watch, self.dnsmasq.hosts.root / "leases", self.send.clone())
@@ -132,6 +153,7 @@ class Controller:
             nursery.start_soon(self._resync_timer, netlink)
             nursery.start_soon(self._killswitch_timer)
             nursery.start_soon(self._retry_timer)
+            nursery.start_soon(self._remap_timer)
             nursery.start_soon(self._ca_timer)
             nursery.start_soon(self._agents)
             await nursery.start(control.serve, self.state_dir, self._handle)
@@ -161,6 +183,7 @@ class Controller:
                     await self.send.send(Resync("after a failure"))
                     continue
                 self._push_agents()
+                self.dns.changed()
 
     def _push_agents(self) -> None:
         """After each sync: the connected agents whose configuration changed get it."""
@@ -172,6 +195,36 @@ class Controller:
                 listener.book.refresh()
             except Exception:  # (the agents wait; the network is not theirs to stop)
                 log.exception("agents: configurations not refreshed")
+
+    def _authority(self) -> Any:
+        """dom0's CA, if it has one (else None: no TLS for DNS, no agents)."""
+        from controller.pki import ca
+
+        db = self.reconciler.store.db
+        try:
+            return ca.load(self.state_dir, db) if ca.exists(self.state_dir, db) else None
+        except Exception as e:  # (the network is not the CA's to stop)
+            log.error("the CA cannot be used: %s", e)
+            return None
+
+    def _dns_snapshot(self) -> tuple[Policy, list[Allocation]] | None:
+        """The policy and the machines admitted now, once a sync has applied."""
+        rec = self.reconciler
+        if rec.applied_policy is None:
+            return None
+        applied = rec.applied
+        return rec.policy, [a for mac, a in rec.ledger.by_mac.items() if mac in applied]
+
+    def _agent_connected(self, mac: str) -> bool:
+        """Whether the machine's agent is connected: its addresses come from
+        its configuration, not from DHCP (a carrier flap would only hurt it)."""
+        from controller.sources.agents import Listener
+
+        listener = self.agent_listener
+        a = self.reconciler.ledger.get(mac)
+        if not isinstance(listener, Listener) or listener.book is None or a is None:
+            return False
+        return fqdn_of(self.reconciler.policy, a) in listener.book.live
 
     def _renew(self, mac: str, port: str) -> None:
         if self.nursery is not None and port not in self.flapping:
@@ -313,7 +366,7 @@ class Controller:
             authority.revoked,
             enroll=enrollment,
             renew=enrollment.renew,
-            book=ConfigBook(db, self._agent_configs),
+            book=ConfigBook(db, self._agent_configs, on_containers=self.dns.containers_reported),
         )
         self.agent_listener = listener
 
@@ -353,6 +406,30 @@ class Controller:
             log.info("agents: listening on %s:%d", gateway, AGENT_PORT)
             await trio.serve_listeners(handler, listeners)
 
+    async def _remap_timer(self) -> None:
+        """Remaps and the ends of their graces, when they fall (core/remap.py):
+        the schedule is looked at again at its next event, and at least every
+        REMAP_CHECK seconds (a reload may have changed it)."""
+        rec = self.reconciler
+        while True:
+            when = rec.next_remap_event()
+            wait = REMAP_CHECK if when is None else min(REMAP_CHECK, when - time.time())
+            await trio.sleep(max(wait, 0.05))
+            if rec.applied_policy is None:
+                continue  # (not before the first sync: what is applied is not known yet)
+            self._remap()
+
+    def _remap(self) -> list[dict[str, object]]:
+        moved = self.reconciler.remap(int(time.time()))
+        if self.reconciler.pending:
+            self._wake("remap")
+        return moved
+
+    def _wake(self, why: str) -> None:
+        # (a full queue: the loop is busy, and syncs what is marked when it gets there)
+        with contextlib.suppress(trio.WouldBlock):
+            self.send.send_nowait(Wake(why))
+
     async def _retry_timer(self) -> None:
         """A driver that failed is tried again a second later, not at the
         next period (and not in a hot loop)."""
@@ -373,6 +450,8 @@ class Controller:
             self.reconciler.request_resync(repair=item.repair)
         elif isinstance(item, CheckKillswitch):
             self.reconciler.check_killswitch()
+        elif isinstance(item, Wake):
+            pass  # (what to sync is marked already)
         else:
             self.reconciler.observe(item)
 
@@ -395,6 +474,7 @@ class Controller:
             return
         log.info("policy reload (%s): applying %s", why, self.policy_path)
         self.reconciler.set_policy(policy)
+        self.dns.configure(policy, self._authority(), datetime.now(UTC))
         if self.enrollment is not None:  # (certificates issued from now on)
             self.enrollment.hours = policy.agent_certificate_seconds / 3600
 
@@ -442,11 +522,19 @@ class Controller:
                 dnsmasq_reloads=self.dnsmasq.reloads,
                 ca_warnings=self._ca_warnings(),
                 agents=self._agents_report(),
+                dns=self.dns.unbound.report(),
             ),
             post=post,
             export=lambda name: handlers.wg_export(self.reconciler, self.state_dir, name),
             renew=lambda name: handlers.renew(self.reconciler, name),
+            remap=self._remap_request,
         )
+
+    def _remap_request(self, name: object) -> dict[str, Any]:
+        reply = handlers.remap_now(self.reconciler, name, int(time.time()))
+        if reply.get("ok") and reply.get("moved"):
+            self._wake("dom0 remap now")
+        return reply
 
 
 def agent_gateways(policy: Policy) -> list[str]:

@@ -5,7 +5,7 @@ takes it down (uninstall, a host handed back to libvirt's own network, a
 clean slate). It works in the network namespace it runs in, and only on
 what carries dom0's marks, each found by the driver that made it:
 
-- dnsmasq and wireguard-go: by their records in the state directory (PID and
+- dnsmasq, unbound and wireguard-go: by their records in the state directory (PID and
   start time, signalled through a pidfd: never by name), and only when they
   run in this network namespace; a kernel WireGuard device of the policy's
   uplink or hub only when its key is dom0's key file's;
@@ -65,6 +65,7 @@ class Holdings:
     """What dom0 holds in this namespace, as its drivers recognise it."""
 
     dnsmasq: ProcessRecord | None = None
+    unbound: ProcessRecord | None = None
     wireguard_go: tuple[tuple[str, ProcessRecord], ...] = ()  # (interface, daemon)
     kernel_wireguard: tuple[str, ...] = ()
     rules: tuple[OwnedRule, ...] = ()
@@ -77,7 +78,7 @@ class Holdings:
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # dnsmasq | wireguard-go | wireguard | rule | route | address | reservations | table
+    kind: str  # dnsmasq | unbound | wireguard-go | wireguard | rule | route | address | reservations | table
     what: str
     target: Any = field(compare=False, default=None)
 
@@ -92,6 +93,8 @@ def steps(h: Holdings) -> list[Step]:
     out: list[Step] = []
     if h.dnsmasq is not None:
         out.append(Step("dnsmasq", f"dnsmasq pid {h.dnsmasq.pid}", h.dnsmasq))
+    if h.unbound is not None:
+        out.append(Step("unbound", f"unbound pid {h.unbound.pid}", h.unbound))
     for name, rec in h.wireguard_go:
         out.append(Step("wireguard-go", f"wireguard-go pid {rec.pid} and interface {name}", name))
     for name in h.kernel_wireguard:
@@ -173,19 +176,27 @@ def _kernel_wireguard(policy: Policy, state: Path, kept: list[str]) -> list[str]
     return out
 
 
+def _daemon(name: str, record: Path, kept: list[str]) -> ProcessRecord | None:
+    """The daemon a record names, if it still runs here."""
+    rec = processes.read_record(record)
+    if rec is None or not processes.is_running(rec):
+        return None
+    if not _here(rec):
+        kept.append(f"{name} pid {rec.pid}: runs in another network namespace")
+        return None
+    return rec
+
+
 def observe(policy: Policy, state: Path) -> Holdings:
+    from controller.drivers import dns
     from controller.drivers.addresses import Addresses
     from controller.drivers.dhcp import record_path, reservation_files
     from controller.drivers.nft import Nft
     from controller.drivers.tunnels import owned_routing
 
     kept: list[str] = []
-    dnsmasq = processes.read_record(record_path(state))
-    if dnsmasq is not None and not processes.is_running(dnsmasq):
-        dnsmasq = None
-    if dnsmasq is not None and not _here(dnsmasq):
-        kept.append(f"dnsmasq pid {dnsmasq.pid}: runs in another network namespace")
-        dnsmasq = None
+    dnsmasq = _daemon("dnsmasq", record_path(state), kept)
+    unbound = _daemon("unbound", dns.record_path(state), kept)
     wg_go = _wireguard_go(state, kept)
     kernel_wg = _kernel_wireguard(policy, state, kept)
     addresses = Addresses()
@@ -197,6 +208,7 @@ def observe(policy: Policy, state: Path) -> Holdings:
     tables = {(o["table"]["family"], o["table"]["name"]) for o in Nft().ruleset() if "table" in o}
     return Holdings(
         dnsmasq=dnsmasq,
+        unbound=unbound,
         wireguard_go=tuple(wg_go),
         kernel_wireguard=tuple(kernel_wg),
         rules=tuple(rules),
@@ -214,6 +226,7 @@ def observe(policy: Policy, state: Path) -> Holdings:
 def _executor(state: Path) -> Callable[[Step], None]:
     """One function that carries out a step (each its driver's operation)."""
     from common.wireguard.userspace import UserspaceWireGuard
+    from controller.drivers import dns
     from controller.drivers.addresses import Addresses
     from controller.drivers.dhcp import record_path
     from controller.drivers.nft import Nft
@@ -223,11 +236,12 @@ def _executor(state: Path) -> Callable[[Step], None]:
     nft = Nft()
 
     def run(step: Step) -> None:
-        if step.kind == "dnsmasq":
+        if step.kind in ("dnsmasq", "unbound"):
             processes.stop([step.target], 5.0, kill_wait=5.0)
             if processes.is_running(step.target):
                 raise RuntimeError(f"pid {step.target.pid} still runs")
-            record_path(state).unlink(missing_ok=True)
+            record = record_path(state) if step.kind == "dnsmasq" else dns.record_path(state)
+            record.unlink(missing_ok=True)
         elif step.kind == "wireguard-go":
             UserspaceWireGuard(state / "wireguard").remove(step.target)
         elif step.kind == "wireguard":

@@ -157,6 +157,24 @@ def is_own_dnsmasq(pid: int, argv: tuple[str, ...]) -> bool:
     )
 
 
+def is_own_unbound(pid: int, argv: tuple[str, ...]) -> bool:
+    """Whether pid is the unbound a dom0 controller recorded for the state
+    directory its configuration file is in (STATE/dns/unbound.conf)."""
+    from controller.drivers import dns
+
+    conf = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-c"), None)
+    if conf is None or Path(conf).name != "unbound.conf" or Path(conf).parent.name != "dns":
+        return False
+    rec = processes.read_record(dns.record_path(Path(conf).parent.parent))
+    return rec is not None and rec.pid == pid and processes.is_running(rec)
+
+
+def _own(pid: int, comm: str, argv: tuple[str, ...]) -> bool:
+    if comm == "dnsmasq":
+        return is_own_dnsmasq(pid, argv)
+    return comm == "unbound" and is_own_unbound(pid, argv)
+
+
 def _listeners() -> list[hf.Listener]:
     wanted = {s.inode: s for s in _sockets() if hf.serves(s)}
     holders: dict[int, list[hf.Holder]] = {i: [] for i in wanted}
@@ -170,7 +188,7 @@ def _listeners() -> list[hf.Listener]:
             pid = int(entry.name)
             argv = _argv(pid)
             comm = _comm(pid)
-            holder = hf.Holder(pid, comm, argv, comm == "dnsmasq" and is_own_dnsmasq(pid, argv))
+            holder = hf.Holder(pid, comm, argv, _own(pid, comm, argv))
             for i in hits:
                 holders[i].append(holder)
     return [hf.Listener(s, tuple(holders[i])) for i, s in wanted.items()]

@@ -20,11 +20,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.core import inventory as inv
+from controller.core import remap
 from controller.core.allocation import Allocation, Ledger
 from controller.core.decide import Outcome, decide_many
 from controller.core.desired import (
@@ -64,6 +65,9 @@ class Machine:
     confirmed: bool = False  # has held its DHCP lease (established; see core.decide)
     address6: str | None = None  # in a domain with IPv6: its DHCPv6 reservation
     agent_server: str | None = None  # where its agent enrolls and connects (None: nowhere)
+    previous: str | None = None  # a remap's grace: the address it had, still its own
+    previous_until: int | None = None  # when that one goes back to the pool
+    next_remap: int | None = None  # unix time of its next scheduled remap
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -176,6 +180,9 @@ class Reconciler:
         # renew(mac, port): flap the port's carrier (the engine's; None: nobody to flap)
         self.renew_port = renew
         self.renewed: dict[str, str] = {}  # MAC -> the reservation it was last renewed for
+        # has_agent(mac): its agent is connected (the engine's): its addresses come
+        # from its configuration, never from DHCP, so it is never re-addressed by a flap
+        self.has_agent: Callable[[str], bool] = lambda mac: False
 
     # -- observing -------------------------------------------------------------
     def observe(self, event: inv.Event | Leases) -> None:
@@ -522,6 +529,10 @@ class Reconciler:
             if self.leased.get(mac) == m.dhcp.address:
                 self.renewed.pop(mac, None)  # done: it holds its reservation
                 continue
+            if a.previous is not None and self.leased.get(mac) == a.previous:
+                continue  # (a remap's grace: it moves when it renews, its old address works)
+            if self.has_agent(mac):
+                continue
             reserved[mac] = (a.port, m.dhcp.address)
         for mac, port, address in stale_leases(reserved, self.leased, self.renewed):
             self.renewed[mac] = address
@@ -534,6 +545,62 @@ class Reconciler:
                 address,
             )
             self.renew(mac, port)
+
+    # -- remapping (core/remap.py) ---------------------------------------------------
+    def remap(
+        self, now: int, *, force: Collection[str] = (), grace: int | None = None
+    ) -> list[dict[str, object]]:
+        """Drop previous addresses whose grace is over, schedule machines of
+        remapping domains, and give a new address to those due (and to the
+        MACs in `force`, whatever their schedule); commit; the machines
+        changed are synced next. What moved, as (name, from, to, until)."""
+        allocations = list(self.ledger.by_mac.values())
+        changed: dict[str, Allocation] = {}
+        for a in remap.expired(allocations, now):
+            log.info("remap: %s gives back %s", fqdn_of(self.policy, a),
+                     self.ledger.by_mac[a.mac].previous)  # fmt: skip
+            changed[a.mac] = a
+        changed.update((a.mac, a) for a in remap.unscheduled(self.policy, allocations, now))
+        for a in changed.values():
+            self.ledger.put(a)
+        targets = {a.mac for a in remap.due(self.policy, list(self.ledger.by_mac.values()), now)}
+        targets |= set(force)
+        moved: list[dict[str, object]] = []
+        history: list[tuple[Allocation, str, int, int]] = []
+        for mac in sorted(targets):
+            held = self.ledger.get(mac)
+            if held is None or held.address is None or held.previous is not None:
+                continue
+            a = held
+            domain = self.policy.domains.get(a.domain)
+            if domain is None:
+                continue
+            new = self.ledger.free_in(
+                a.domain, domain.pool, domain.gateway, f"{a.key_id}@{now}",
+                self.policy.pinned.get(a.domain, frozenset()),
+            )  # fmt: skip
+            if new is None or new == a.address:
+                log.warning("remap: %s keeps %s: its pool has no other free address",
+                            fqdn_of(self.policy, a), a.address)  # fmt: skip
+                continue
+            wait = grace or domain.remap_grace or 2 * domain.record_ttl(self.policy.dns.ttl)
+            b = remap.moved(a, new, now, wait)
+            self.ledger.put(b)
+            changed[mac] = b
+            history.append((b, held.address, a.remapped_at or now, now))
+            name = fqdn_of(self.policy, b)
+            log.info("remap: %s moves %s -> %s (the old one kept %d s)", name, held.address, new,
+                     wait)  # fmt: skip
+            moved.append({"name": name, "mac": mac, "from": held.address, "to": new,
+                          "until": b.previous_until})  # fmt: skip
+        if changed:
+            self.store.commit_allocations(changed.values())
+            self.store.record_addresses(history)
+            self.dirty.update(changed)
+        return moved
+
+    def next_remap_event(self) -> int | None:
+        return remap.next_event(self.policy, list(self.ledger.by_mac.values()))
 
     def renew(self, mac: str, port: str) -> bool:
         """Flap `port`'s carrier for machine `mac` (False: nobody to do it)."""
@@ -625,6 +692,14 @@ class Reconciler:
                         else None
                     ),
                     agent_server=None if quarantined else self._agent_server(a.domain),
+                    previous=a.previous,
+                    previous_until=a.previous_until,
+                    next_remap=(
+                        remap.next_remap(a, d)
+                        if (d := remap.remappable(self.policy, a)) is not None
+                        and a.previous is None
+                        else None
+                    ),
                 )
             )
         return out

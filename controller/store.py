@@ -17,7 +17,7 @@ from pathlib import Path
 
 from controller.core.allocation import Allocation
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS allocations (
@@ -32,9 +32,22 @@ CREATE TABLE IF NOT EXISTS allocations (
     port_index INTEGER,
     confirmed INTEGER NOT NULL DEFAULT 0,
     origin TEXT,
+    previous TEXT,
+    previous_until INTEGER,
+    remapped_at INTEGER,
     UNIQUE (rule, slot),
     UNIQUE (domain, address)
 );
+CREATE TABLE IF NOT EXISTS address_history (
+    rule TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    domain TEXT NOT NULL,
+    address TEXT NOT NULL,
+    mac TEXT NOT NULL,
+    since INTEGER NOT NULL,
+    until INTEGER
+);
+CREATE INDEX IF NOT EXISTS address_history_slot ON address_history (rule, slot, since);
 """
 # Each step takes the schema from version N to N+1, in one transaction.
 _MIGRATIONS = {
@@ -54,6 +67,17 @@ _MIGRATIONS = {
     UPDATE allocations SET confirmed = 1;
     DROP TABLE applied_machines;  -- what is applied is read from the drivers now
     DROP TABLE applied_policy;
+    """,
+    # Remapping: the address a machine had before its last remap, kept until
+    # previous_until; every address a slot held, and when.
+    3: """
+    ALTER TABLE allocations ADD COLUMN previous TEXT;
+    ALTER TABLE allocations ADD COLUMN previous_until INTEGER;
+    ALTER TABLE allocations ADD COLUMN remapped_at INTEGER;
+    CREATE TABLE address_history (rule TEXT NOT NULL, slot INTEGER NOT NULL,
+        domain TEXT NOT NULL, address TEXT NOT NULL, mac TEXT NOT NULL,
+        since INTEGER NOT NULL, until INTEGER);
+    CREATE INDEX address_history_slot ON address_history (rule, slot, since);
     """,
 }
 
@@ -123,17 +147,50 @@ class Store:
     def allocations(self) -> list[Allocation]:
         rows = self.db.execute(
             "SELECT mac, rule, slot, domain, address, port, absent_since, underlay, "
-            "port_index, confirmed, origin FROM allocations"
+            "port_index, confirmed, origin, previous, previous_until, remapped_at "
+            "FROM allocations"
         )
         return [
             Allocation(
                 mac=mac, rule=rule, slot=slot, domain=domain, address=address, port=port,
                 absent_since=absent, underlay=underlay, port_index=index,
-                confirmed=bool(confirmed), origin=origin,
+                confirmed=bool(confirmed), origin=origin, previous=previous,
+                previous_until=until, remapped_at=remapped,
             )
-            for mac, rule, slot, domain, address, port, absent, underlay, index, confirmed, origin
-            in rows
+            for (mac, rule, slot, domain, address, port, absent, underlay, index, confirmed,
+                 origin, previous, until, remapped) in rows
         ]  # fmt: skip
+
+    def record_addresses(self, changes: Iterable[tuple[Allocation, str, int, int]]) -> None:
+        """History of remaps: (allocation with its new address, the address it
+        had, since when, now). The slot's open row closes now (one is made for
+        the old address if the slot has none yet) and the new one opens."""
+        with _transaction(self.db):
+            for a, old, old_since, now in changes:
+                closed = self.db.execute(
+                    "UPDATE address_history SET until = ? WHERE rule = ? AND slot = ? "
+                    "AND until IS NULL",
+                    (now, a.rule, a.slot),
+                ).rowcount
+                if not closed:
+                    self.db.execute(
+                        "INSERT INTO address_history VALUES (?,?,?,?,?,?,?)",
+                        (a.rule, a.slot, a.domain, old, a.mac, old_since, now),
+                    )
+                self.db.execute(
+                    "INSERT INTO address_history VALUES (?,?,?,?,?,?,NULL)",
+                    (a.rule, a.slot, a.domain, a.address, a.mac, now),
+                )
+
+    def address_history(self, rule: str, slot: int, limit: int = 20) -> list[dict]:
+        rows = self.db.execute(
+            "SELECT domain, address, mac, since, until FROM address_history "
+            "WHERE rule = ? AND slot = ? ORDER BY since DESC LIMIT ?",
+            (rule, slot, limit),
+        )
+        return [
+            {"domain": d, "address": a, "mac": m, "since": s, "until": u} for d, a, m, s, u in rows
+        ]
 
     def commit_allocations(self, put: Iterable[Allocation], remove: Iterable[str] = ()) -> None:
         """One transaction: removals first, so a slot or an address can pass
@@ -141,12 +198,14 @@ class Store:
         with _transaction(self.db):
             self.db.executemany("DELETE FROM allocations WHERE mac=?", [(m,) for m in remove])
             self.db.executemany(
-                "INSERT INTO allocations VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(mac) DO UPDATE "
+                "INSERT INTO allocations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(mac) DO UPDATE "
                 "SET rule=excluded.rule, slot=excluded.slot, domain=excluded.domain, "
                 "address=excluded.address, port=excluded.port, "
                 "absent_since=excluded.absent_since, underlay=excluded.underlay, "
                 "port_index=excluded.port_index, confirmed=excluded.confirmed, "
-                "origin=excluded.origin",
+                "origin=excluded.origin, previous=excluded.previous, "
+                "previous_until=excluded.previous_until, remapped_at=excluded.remapped_at",
                 [
                     (
                         a.mac,
@@ -160,6 +219,9 @@ class Store:
                         a.port_index,
                         int(a.confirmed),
                         a.origin,
+                        a.previous,
+                        a.previous_until,
+                        a.remapped_at,
                     )
                     for a in put
                 ],

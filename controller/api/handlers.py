@@ -15,6 +15,7 @@ from common.wireguard import keys
 from controller import wgexport
 from controller.core.desired import fqdn_of
 from controller.drivers.machine_keys import key_path
+from controller.policy.model import QUARANTINE
 from controller.reconcile import Reconciler
 
 log = logging.getLogger("dom0")
@@ -88,6 +89,35 @@ def renew(rec: Reconciler, name: object) -> dict[str, Any]:
     return {"ok": True, "name": fqdn, "mac": a.mac, "port": a.port}
 
 
+def remap_now(rec: Reconciler, name: object, now: int) -> dict[str, Any]:
+    """`dom0 remap now [--machine NAME]`."""
+    from controller.core import remap
+
+    if name is None:
+        force = [a.mac for a in rec.ledger.by_mac.values() if remap.remappable(rec.policy, a)]
+        if not any(d.remap_every for d in rec.policy.domains.values()):
+            return {"ok": False, "usage": True,
+                    "error": "no domain has remap_every: name a machine (--machine)"}  # fmt: skip
+    else:
+        if not isinstance(name, str) or not 0 < len(name) <= 253:
+            return {"ok": False, "usage": True, "error": "--machine: expected a name or MAC"}
+        a = rec.find(name)
+        if a is None:
+            return {"ok": False, "usage": True,
+                    "error": f"--machine {name}: no such machine (see dom0 status)"}  # fmt: skip
+        fqdn = fqdn_of(rec.policy, a)
+        if a.rule == QUARANTINE or a.address is None or a.absent_since is not None:
+            return {"ok": False, "error": f"{fqdn}: not admitted with an address: not remapped"}
+        if a.previous is not None:
+            return {"ok": False, "error": f"{fqdn}: still holds {a.previous} from its last "
+                    f"remap, until {a.previous_until}"}  # fmt: skip
+        rule = rec.policy.rule(a.rule)
+        if rule is not None and rule.pins:
+            return {"ok": False, "error": f"{fqdn}: its rule pins its address: never remapped"}
+        force = [a.mac]
+    return {"ok": True, "moved": rec.remap(now, force=force)}
+
+
 def dispatch(
     request: dict,
     *,
@@ -95,6 +125,7 @@ def dispatch(
     post: Callable[[str], bool],
     export: Callable[[object], dict],
     renew: Callable[[object], dict],
+    remap: Callable[[object], dict] | None = None,
 ) -> dict[str, Any]:
     """One request to its handler. `post(cmd)` queues a reload or resync for
     the reconcile loop (False when its queue is full)."""
@@ -105,6 +136,8 @@ def dispatch(
         return export(request.get("name"))
     if cmd == "renew":
         return renew(request.get("name"))
+    if cmd == "remap" and remap is not None:
+        return remap(request.get("name"))
     if cmd in ("reload", "resync"):
         if not post(cmd):
             return {"ok": False, "error": "busy, try again"}

@@ -23,6 +23,7 @@ def status(
     dnsmasq_reloads: int = 0,
     ca_warnings: list[str] | None = None,
     agents: list[dict[str, object]] | None = None,
+    dns: dict[str, object] | None = None,
 ) -> dict[str, Any]:
     s = rec.stats
     by_name = {str(a.get("name")): a for a in agents or ()}
@@ -37,6 +38,7 @@ def status(
         "last_policy_error": last_policy_error,
         "dnsmasq_pid": dnsmasq_pid,
         "dnsmasq_reloads": dnsmasq_reloads,
+        "dns": dns,  # unbound: its pid, zones, records, where it listens
         "generation": s.generation,
         "stats": {
             "reconciles": s.reconciles,
@@ -111,6 +113,9 @@ def format_status(reply: dict) -> str:
         lines.append(f"policy reload refused: {reply['last_policy_error']}")
     if stats.get("last_repair"):
         lines.append(f"last repair: {'; '.join(stats['last_repair'])}")
+    dns = reply.get("dns")
+    if isinstance(dns, dict):
+        lines.append(dns_line(dns))
     lines.append("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
     for r in rows:
         lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
@@ -118,6 +123,31 @@ def format_status(reply: dict) -> str:
         for c in m.get("containers") or ():
             lines.append(f"  container {c['fqdn']} {c['address']} (on {m.get('name')})")
     for m in machines:
+        if m.get("previous"):
+            lines.append(f"  remap {m.get('name')}: {m['previous']} -> {m.get('address')}, "
+                         f"{m['previous']} kept until {_when(m.get('previous_until'))}")  # fmt: skip
+        elif m.get("next_remap"):
+            lines.append(f"  next remap {m.get('name')}: {_when(m['next_remap'])}")
+    for m in machines:
         if m.get("reason"):
             lines.append(f"{m['mac']}: {m['reason']}")
     return "\n".join(line.rstrip() for line in lines)
+
+
+def dns_line(dns: dict) -> str:
+    if not dns.get("running"):
+        return f"dns: unbound NOT running (see {dns.get('log')})"
+    tls = ", ".join(dns.get("tls") or ()) or "nowhere (no CA)"
+    plain = ", ".join(dns.get("plain") or ())
+    return (
+        f"dns: unbound pid {dns.get('pid')}, {dns.get('records')} records in "
+        f"{len(dns.get('zones') or ())} zones; TLS on {tls}; plain on {plain}"
+    )
+
+
+def _when(t: object) -> str:
+    from datetime import UTC, datetime
+
+    if not isinstance(t, int):
+        return "?"
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

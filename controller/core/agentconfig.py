@@ -36,6 +36,10 @@ def machine_config(
     delegated = domain.delegated(a.address)
     containers = None if delegated is None else str(delegated)
     hostname = label_of(policy, a).split(".", 1)[0]
+    # (an agent exists only where dom0 has a CA: DNS over TLS is served)
+    dns = str(domain.gateway) if domain.resolves else None
+    # a remap's grace: the old address beside the new one, deprecated (core/remap.py)
+    old = a.previous
     if a.underlay is not None:
         hub = policy.hub
         if hub is None or hub_public_key is None:
@@ -56,6 +60,8 @@ def machine_config(
                 keepalive=KEEPALIVE,
             ),
             containers=containers,
+            dns=dns,
+            deprecated=(f"{old}/32",) if old is not None else (),
         )
     addresses = [f"{a.address}/{domain.pool.prefixlen}"]
     routes = [Route("0.0.0.0/0", str(domain.gateway), "link")]
@@ -65,6 +71,11 @@ def machine_config(
         uplink = policy.uplink
         if uplink is not None and any(":" in x for x in uplink.addresses):
             routes.append(Route("::/0", str(domain.gateway6), "link"))
+    deprecated: list[str] = []
+    if old is not None:
+        deprecated.append(f"{old}/{domain.pool.prefixlen}")
+        if (old6 := domain.address6(old)) is not None:
+            deprecated.append(f"{old6}/64")
     return MachineConfig(
         name=name,
         hostname=hostname,
@@ -72,4 +83,6 @@ def machine_config(
         addresses=tuple(addresses),
         routes=tuple(routes),
         containers=containers,
+        dns=dns,
+        deprecated=tuple(deprecated),
     )

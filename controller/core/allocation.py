@@ -37,6 +37,11 @@ class Allocation:
     port_index: int | None = None  # the port's ifindex: a re-created port is another port
     confirmed: bool = False  # has held its DHCP lease: an established machine
     origin: str | None = None  # the MAC it was first allocated for (its tunnel key's name)
+    # A remap (core/remap.py): the address it had before, still its own
+    # (bound, routed, answered) until previous_until, when it goes back to the pool
+    previous: str | None = None
+    previous_until: int | None = None
+    remapped_at: int | None = None  # unix time of its last remap (or when it was scheduled)
 
     @property
     def key_id(self) -> str:
@@ -135,13 +140,14 @@ class Ledger:
         holder = self.slots.setdefault(a.rule, {}).get(a.slot)
         if holder is not None and holder != a.mac:
             raise ValueError(f"slot {a.rule}/{a.slot} already held by {holder}")
-        for space, address in ((a.domain, a.address), (UNDERLAY, a.underlay)):
+        held = ((a.domain, a.address), (a.domain, a.previous), (UNDERLAY, a.underlay))
+        for space, address in held:
             if address is None:
                 continue
             holder = self.addresses.setdefault(space, {}).get(address)
             if holder is not None and holder != a.mac:
                 raise ValueError(f"address {address} in {space} already held by {holder}")
-        for space, address in ((a.domain, a.address), (UNDERLAY, a.underlay)):
+        for space, address in held:
             if address is not None:
                 self.addresses[space][address] = a.mac
         self.slots[a.rule][a.slot] = a.mac
@@ -168,8 +174,9 @@ class Ledger:
                 del self.ports[a.port]
         if a.slot < self._hint.get(a.rule, 1):
             self._hint[a.rule] = a.slot
-        if a.address is not None:
-            self.addresses.get(a.domain, {}).pop(a.address, None)
+        for address in (a.address, a.previous):
+            if address is not None:
+                self.addresses.get(a.domain, {}).pop(address, None)
         if a.underlay is not None:
             self.addresses.get(UNDERLAY, {}).pop(a.underlay, None)
 

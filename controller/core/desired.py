@@ -15,7 +15,7 @@ from fnmatch import fnmatchcase
 from ipaddress import IPv4Network, ip_interface
 
 from controller.core.allocation import Allocation
-from controller.policy.model import QUARANTINE, SERVICES, Limits, Policy
+from controller.policy.model import QUARANTINE, SERVICES, Limits, Policy, service_ports
 from controller.policy.publish import tunnel_address
 
 # (table family, set name). The tables are dom0's own: `bridge dom0` polices
@@ -203,6 +203,7 @@ class DhcpRange:
     network: IPv4Network
     router: str | None
     domain_name: str | None  # e.g. x.internal; None: by host tag (the hub's range)
+    dns: str | None = None  # the DNS server DHCP names: dom0's gateway where DNS is plain
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,9 +347,14 @@ def _group_elements(policy: Policy, a: Allocation) -> dict[tuple[str, str], froz
         return {}
     groups = groups_of(policy)
     out: dict[tuple[str, str], frozenset[Element]] = {}
-    mine = frozenset({(a.address,)})
+    held = held_addresses(a)
+    mine = frozenset((x,) for x in held)
     d = policy.domains.get(a.domain)
-    six = d.address6(a.address) if d is not None and a.underlay is None else None
+    sixes = (
+        frozenset((x,) for h in held if (x := d.address6(h)) is not None)
+        if d is not None and a.underlay is None
+        else frozenset()
+    )
     joined = []
     if (name := groups.rules.get(a.rule)) is not None:
         joined.append(name)
@@ -359,9 +365,15 @@ def _group_elements(policy: Policy, a: Allocation) -> dict[tuple[str, str], froz
         ]
     for name in joined:
         out[("inet", name)] = mine
-        if six is not None:
-            out[("inet", twin6(name))] = frozenset({(six,)})
+        if sixes:
+            out[("inet", twin6(name))] = sixes
     return out
+
+
+def held_addresses(a: Allocation) -> tuple[str, ...]:
+    """The machine's domain addresses now: its address, and through a
+    remap's grace the previous one (core/remap.py)."""
+    return tuple(x for x in (a.address, a.previous) if x is not None)
 
 
 def allow_rules(policy: Policy) -> tuple[AllowRule, ...]:
@@ -427,43 +439,52 @@ def machine_state(policy: Policy, a: Allocation, public_key: str | None = None) 
     (DHCP and tunnel UDP only); its domain address lives inside its tunnel,
     and `public_key` is its tunnel's key."""
     bridge_address = a.underlay if a.underlay is not None else a.address
+    held = held_addresses(a)
+    # (through a remap's grace both of its domain addresses are its own)
+    on_bridge = (a.underlay,) if a.underlay is not None else held
     elements: dict[tuple[str, str], frozenset[Element]] = {
         PORT_MAC: frozenset({(a.port, a.mac)}),
         MACS: frozenset({(a.mac,)}),
         BINDING: frozenset(),
         DHCP_CLIENT: frozenset({(a.port, a.mac, a.mac)}),
         DHCP_REPLY: frozenset({(a.port, a.mac)}),
-        SELF4: frozenset((x, x) for x in {a.address, a.underlay} if x is not None),
+        SELF4: frozenset((x, x) for x in {*held, a.underlay} if x is not None),
         PORT_ADDR: frozenset(),
         PORT_BCAST: frozenset(),
     }
     dhcp = None
     domain = policy.domains.get(a.domain)
     address6 = domain.address6(a.address) if domain is not None and a.underlay is None else None
-    if address6 is not None:
-        elements[BINDING6] = frozenset({(a.port, a.mac, address6)})
-        elements[ND_TARGET] = frozenset({(a.port, address6)})
+    if address6 is not None and domain is not None:
+        sixes = [x for h in held if (x := domain.address6(h)) is not None]
+        elements[BINDING6] = frozenset((a.port, a.mac, x) for x in sixes)
+        elements[ND_TARGET] = frozenset((a.port, x) for x in sixes)
         elements[ND_LLADDR] = frozenset({(a.port, a.mac)})
-        elements[SELF6] = frozenset({(address6, address6)})
+        elements[SELF6] = frozenset((x, x) for x in sixes)
     if bridge_address is not None:
-        elements[BINDING] = frozenset({(a.port, a.mac, bridge_address)})
-        elements[PORT_ADDR] = frozenset({(a.port, bridge_address)})
+        elements[BINDING] = frozenset((a.port, a.mac, x) for x in on_bridge)
+        elements[PORT_ADDR] = frozenset((a.port, x) for x in on_bridge)
         tag = f"hub-{a.domain}" if a.underlay is not None else a.domain
         dhcp = DhcpHost(a.mac, bridge_address, label_of(policy, a), tag, address6)
     if domain is not None and domain.members_reach and a.underlay is None:
         # its domain's broadcasts may reach this port (and only those)
         elements[PORT_BCAST] = frozenset({(a.port, str(domain.pool.broadcast_address))})
     elements.update(_group_elements(policy, a))
-    delegated = domain.delegated(a.address) if domain is not None and a.rule != QUARANTINE else None
+    # (its containers' prefix follows its address: through a grace, both)
+    delegated = [
+        (str(net), x)
+        for x in held
+        if domain is not None and a.rule != QUARANTINE and (net := domain.delegated(x)) is not None
+    ]
     routes: frozenset[Route] = frozenset()
-    if delegated is not None and a.underlay is None and a.address is not None:
+    if delegated and a.underlay is None:
         # its containers' packets cross the bridge from its port and MAC,
         # and dom0 routes theirs back through it
-        elements[BINDING_NET] = frozenset({(a.port, a.mac, str(delegated))})
-        routes = frozenset({(str(delegated), a.address, policy.bridge)})
+        elements[BINDING_NET] = frozenset((a.port, a.mac, net) for net, _ in delegated)
+        routes = frozenset((net, via, policy.bridge) for net, via in delegated)
     peer = None
     if a.underlay is not None and a.address is not None and public_key is not None:
-        allowed = (f"{a.address}/32",) + (() if delegated is None else (str(delegated),))
+        allowed = tuple(f"{x}/32" for x in held) + tuple(net for net, _ in delegated)
         peer = HubPeer(public_key, allowed)
     return MachineState(elements, dhcp, peer, routes)
 
@@ -536,7 +557,7 @@ def policy_state(
             if (o6 := domains[other].pool6) is not None:
                 reach6.add((pool6, str(o6)))
         for name in d.services:
-            for proto, port in SERVICES[name]:
+            for proto, port in service_ports(d, name):
                 if proto == "icmp":
                     icmp6.add((pool6, gw6))
                 else:
@@ -557,7 +578,10 @@ def policy_state(
         else:
             addresses.add((policy.bridge, gateway))
             dhcp_server.add((str(d.gateway),))
-            ranges.append(DhcpRange(d.name, d.pool, str(d.gateway), f"{d.name}.{policy.tld}"))
+            plain = str(d.gateway) if d.resolves and d.dns == "plain" else None
+            ranges.append(
+                DhcpRange(d.name, d.pool, str(d.gateway), f"{d.name}.{policy.tld}", plain)
+            )
             if d.members_reach:
                 peers.add((pool, pool))  # direct frames on the bridge: bridge domains only
         for net in nets:
@@ -569,7 +593,7 @@ def policy_state(
                 egress.add((net,))
             for name in d.services:
                 # only on the domain's own gateway: the rest of dom0 stays silent
-                for proto, port in SERVICES[name]:
+                for proto, port in service_ports(d, name):
                     if proto == "icmp":
                         icmp.add((net, str(d.gateway)))
                     else:

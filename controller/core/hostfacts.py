@@ -64,7 +64,7 @@ class Holder:
     pid: int
     comm: str
     argv: tuple[str, ...]
-    own: bool  # dom0's own dnsmasq (its record names this very process)
+    own: bool  # dom0's own dnsmasq or unbound (its record names this very process)
 
 
 @dataclass(frozen=True, slots=True)

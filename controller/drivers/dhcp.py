@@ -62,7 +62,7 @@ def dnsmasq_argv(config: DhcpConfig, state_dir: Path, binary: str = "dnsmasq") -
         binary,
         "--keep-in-foreground",
         "--conf-file=/dev/null",
-        "--port=0",  # no DNS here: unbound serves names (a later issue)
+        "--port=0",  # no DNS here: unbound serves names (drivers/dns.py)
         "--no-hosts",
         f"--interface={config.bridge}",
         "--bind-interfaces",
@@ -85,6 +85,9 @@ def dnsmasq_argv(config: DhcpConfig, state_dir: Path, binary: str = "dnsmasq") -
             argv.append(f"--dhcp-option=tag:{r.tag},option:router,{r.router}")
         else:
             argv.append(f"--dhcp-option=tag:{r.tag},option:router")
+        # (no DNS server where DNS is over TLS only: a plain client would ask in vain)
+        dns = f",{r.dns}" if r.dns else ""
+        argv.append(f"--dhcp-option=tag:{r.tag},option:dns-server{dns}")
     for tag, domain_name in config.tag_domains:
         argv.append(f"--dhcp-option=tag:{tag},option:domain-name,{domain_name}")
     if config.ranges6:
@@ -435,22 +438,7 @@ class Dnsmasq:
 
     async def _wait_exit_or_change(self, rec: ProcessRecord) -> bool:
         """True when dnsmasq exited, False when the wanted config changed."""
-        exited = False
-        async with trio.open_nursery() as nursery:
-
-            async def watch_exit() -> None:
-                nonlocal exited
-                await processes.wait_exit_async(rec)
-                exited = True
-                nursery.cancel_scope.cancel()
-
-            async def watch_change() -> None:
-                await self._changed.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch_exit)
-            nursery.start_soon(watch_change)
-        return exited
+        return await processes.exited_before(rec, lambda: self._changed)
 
 
 # ---- for `dom0 host check` and `dom0 flush` (outside the controller) ------------------------

@@ -66,6 +66,15 @@ def enroll(lab: Lab, index: int, *, ttl: str = "10m", discover: bool = False) ->
     return machine
 
 
+def system_root(lab: Lab, index: int) -> Path:
+    """The VM's "/" for its resolver configuration (a namespace shares the
+    host's /etc): VMROOT/sysroot, with etc/resolv.conf the agent points at
+    its DNS stub."""
+    where = root(lab, index).parent / "sysroot"
+    (where / "etc").mkdir(parents=True, exist_ok=True)
+    return where
+
+
 def start(lab: Lab, index: int, server: str | None) -> processes.ProcId:
     """The agent in VM index, told dom0's address (None: it finds it by mDNS)."""
     current = lab.process(role(index))
@@ -74,7 +83,7 @@ def start(lab: Lab, index: int, server: str | None) -> processes.ProcId:
     inner = [
         sys.executable, "-m", "agents", "run", "--root", str(root(lab, index)),
         *(["--server", server] if server else []), "--wireguard", "userspace",
-        "--no-set-hostname",
+        "--no-set-hostname", "--system-root", str(system_root(lab, index)),
     ]  # fmt: skip
     argv = netns.exec_argv(lab.vm(index)["namespace"], inner)
     _, proc = processes.spawn(argv, log=log_path(lab, index), env=processes.python_env())

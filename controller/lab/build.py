@@ -17,6 +17,7 @@ from controller.lab import (
     dhcpclient,
     netns,
     processes,
+    resolver,
     services,
     teardown,
     topology,
@@ -197,6 +198,7 @@ def _build(
         data["port_prefix"] = port_prefix
     dhcpclient.write_script(lab)
     has_uplink = False
+    with_resolver = False
     if policy is not None and live_policy:
         with lab.update() as data:
             data["policy"] = {"source": str(policy), "path": str(policy), "live": True}
@@ -218,13 +220,20 @@ def _build(
                 isinstance(d, dict) and (d.get("ipv6") or "pool6" in d)
                 for d in tomllib.loads(text).get("domains", {}).values()
             )
-            controllerproc.write_policy(lab, text + uplink.prepare(lab, ipv6=ipv6))
+            appended = uplink.prepare(lab, ipv6=ipv6)
+            # dom0's upstream resolver beyond the VPN, unless the policy names its own.
+            with_resolver = "dns" not in tomllib.loads(text)
+            if with_resolver:
+                appended += resolver.prepare(lab)
+            controllerproc.write_policy(lab, text + appended)
             has_uplink = True
 
     netns.create(namespaces)
     topology.wire_core(lab)
     if has_uplink and with_uplink:
         uplink.start_server(lab)
+    if with_resolver:
+        resolver.start(lab)
     topology.wire_vms(lab, specs)
     services.start_echos(
         lab, [services.wan_echo(lab), *(services.vm_echo(lab, i) for i in indexes)]

@@ -298,8 +298,10 @@ class CertificateAuthority:
         ip_addresses: Iterable[str | ipaddress.IPv4Address | ipaddress.IPv6Address],
         now: datetime,
         days: int = issue.SERVER_DAYS,
+        to: Path | None = None,
     ) -> Issued:
-        """A new key and certificate for the controller, into STATE/ca/server.pem."""
+        """A new key and certificate for the controller, into STATE/ca/server.pem
+        (or `to`: another of dom0's servers, e.g. its DNS over TLS)."""
         issuer, issuer_key = self.issuer(now)
         key = issue.new_key()
         cert = issue.make_server(
@@ -310,7 +312,7 @@ class CertificateAuthority:
         # The root goes in the handshake too: an enrolling agent has only the
         # fingerprint its token carries, and pins the root it finds by it
         # (agents/identity.py); a verifying client ignores an extra anchor.
-        _write(self.dir / SERVER_PEM, _key_bytes(key) + chain + _pem(self.root), 0o600)
+        _write(to or self.dir / SERVER_PEM, _key_bytes(key) + chain + _pem(self.root), 0o600)
         log.info(
             "CA: server certificate serial %s for %s, until %s",
             issue.serial_hex(cert.serial_number),

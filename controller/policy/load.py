@@ -22,9 +22,11 @@ from controller.policy import macs, publish
 from controller.policy.allow import AllowChecker
 from controller.policy.model import (
     DHCP_LOG,
+    DNS_MODES,
     QUARANTINE,
     SERVICES,
     WAN_ALLOW,
+    Dns,
     Domain,
     Host,
     Hub,
@@ -91,6 +93,8 @@ def parse_policy(data: bytes, name: str) -> Policy:
 
 
 MAX_AGENT_CERTIFICATE = 30 * 86400  # seconds: [agents] certificate_life at most
+MIN_REMAP_EVERY = 20  # seconds: a domain's remap_every at least
+MIN_REMAP_GRACE = 10  # seconds (its records' TTL is at most half of it)
 
 
 def parse_duration(value: object) -> int | None:
@@ -202,6 +206,7 @@ class _Validator(Checker):
                 "limits",
                 "publish",
                 "agents",
+                "dns",
             ],
         )
         site = self.table(raw, "site", "", ["tld", "release_after", "ula"])
@@ -261,6 +266,7 @@ class _Validator(Checker):
                 f"expected one of: {', '.join(DHCP_LOG)}",
             )
 
+        dns = self.dns(raw)
         self.site_ula = self.ula(site, tld)
         domains = self.domains(raw, wan, hub is not None or "hub" in raw)
         quarantine = self.quarantine(raw)
@@ -295,7 +301,46 @@ class _Validator(Checker):
             publish=published,
             agent_certificate_seconds=cert_life,
             advertise=advertise,
+            dns=dns,
         )
+
+    def remap(self, body: dict, path: str) -> tuple[int | None, int | None]:
+        """`remap_every` (off by default) and `remap_grace` (default: half of
+        it, at most 10 minutes; shorter than remap_every)."""
+        if "remap_every" not in body:
+            if "remap_grace" in body:
+                self.bad(f"{path}.remap_grace", "is set but remap_every is not, expected both")
+            return None, None
+        every = self.duration(body, "remap_every", path, "6h", MIN_REMAP_EVERY)
+        default = f"{max(MIN_REMAP_GRACE, min(every // 2, 600))}s"
+        grace = self.duration(body, "remap_grace", path, default, MIN_REMAP_GRACE)
+        if grace >= every:
+            self.bad(
+                f"{path}.remap_grace",
+                f"{body.get('remap_grace', default)!r} is not shorter than remap_every "
+                f"({body['remap_every']!r}), expected a shorter grace",
+            )
+        return every, grace
+
+    def dns(self, raw: dict) -> Dns:
+        t = self.table(raw, "dns", "", ["upstream", "upstream_ca", "ttl"])
+        upstream = self.strings(t, "upstream", "dns")
+        for i, u in enumerate(upstream):
+            if problem := _upstream_problem(u):
+                self.bad(
+                    f"dns.upstream[{i + 1}]",
+                    f"{u!r}: {problem}, expected ADDRESS[@PORT][#TLS-NAME] like "
+                    '"9.9.9.9@853#dns.quad9.net"',
+                )
+        ca = self.string(t, "upstream_ca", "dns")
+        if ca is not None and not ca.startswith("/"):
+            self.bad("dns.upstream_ca", f"{ca!r} is not an absolute path, expected a PEM file")
+        elif ca is not None and not upstream:
+            self.bad("dns.upstream_ca", "is set but dns.upstream names no resolver")
+        ttl = self.duration(t, "ttl", "dns", "5m", 5)
+        if ttl > 86400:
+            self.bad("dns.ttl", f"{t['ttl']!r} is too long, expected at most 1d")
+        return Dns(tuple(dict.fromkeys(upstream)), ca, ttl)
 
     def allow_lists(
         self,
@@ -563,7 +608,8 @@ class _Validator(Checker):
             self.bad("domains", "none defined, expected at least one [domains.NAME] with a pool")
         allowed = [
             "pool", "gateway", "reach", "members_reach", "internet", "services", "hub", "allow",
-            "ipv6", "pool6", "containers", "containers_pool",
+            "ipv6", "pool6", "containers", "containers_pool", "dns", "remap_every",
+            "remap_grace",
         ]  # fmt: skip
         out: dict[str, Domain] = {}
         for name, body in section.items():
@@ -606,6 +652,16 @@ class _Validator(Checker):
                 )
             pool6 = self.pool6(body, path, name, in_hub, self.site_ula)
             containers, containers_pool = self.containers(body, path, pool)
+            dns = self.string(body, "dns", path, "tls")
+            if isinstance(dns, str) and dns not in DNS_MODES:
+                self.bad(
+                    f"{path}.dns",
+                    f"{dns!r}{did_you_mean(dns, DNS_MODES)}, expected one of: "
+                    f"{', '.join(DNS_MODES)}",
+                )
+            elif dns == "plain" and not any(s in services for s in ("dns", "dot")):
+                self.bad(f"{path}.dns", 'is "plain" but services has no "dns", expected it there')
+            remap_every, remap_grace = self.remap(body, path)
             if pool is not None and gateway is not None:
                 out[name] = Domain(
                     name=name,
@@ -619,6 +675,9 @@ class _Validator(Checker):
                     pool6=pool6,
                     containers=containers,
                     containers_pool=containers_pool,
+                    dns=dns if dns in DNS_MODES else "tls",
+                    remap_every=remap_every,
+                    remap_grace=remap_grace,
                 )
         self.overlaps6(out)
         for name, body in section.items():
@@ -947,6 +1006,21 @@ class _Validator(Checker):
                         f"({a.template.text!r}), e.g. {name!r} in domain {a.domain!r}; "
                         "expected distinct names",
                     )
+
+
+def _upstream_problem(text: str) -> str | None:
+    """What is wrong with an upstream "ADDRESS[@PORT][#TLS-NAME]", or None."""
+    rest, _, name = text.partition("#")
+    address, at, port = rest.partition("@")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return f"{address!r} is not an IP address"
+    if at and not (port.isdigit() and 1 <= int(port) <= 65535):
+        return f"{port!r} is not a port"
+    if name and suffix_problem(name) is not None:
+        return f"{name!r} is not a DNS name"
+    return None
 
 
 def _endpoint(text: str) -> tuple[str | None, int]:

@@ -15,7 +15,9 @@ QUARANTINE = "quarantine"  # the pseudo-domain of machines no rule matches
 # dom0's own services a domain may be allowed to reach, and what they listen on.
 # DHCP is always reachable from the bridge (quarantined machines included).
 SERVICES: Mapping[str, tuple[tuple[str, int], ...]] = {
-    "dns": (("udp", 53), ("tcp", 53)),
+    # DNS over TLS; plain DNS on port 53 too only where the domain's `dns` is
+    # "plain" (see `service_ports`). "dot" is the same as "dns" (an older name).
+    "dns": (("tcp", 853),),
     "dot": (("tcp", 853),),
     "ntp": (("udp", 123),),
     "icmp": (("icmp", 0),),
@@ -24,6 +26,20 @@ SERVICES: Mapping[str, tuple[tuple[str, int], ...]] = {
     "proxy": (("tcp", 3128),),
     "smtp": (("tcp", 25), ("tcp", 587)),
 }
+
+
+PLAIN_DNS = (("udp", 53), ("tcp", 53))
+# A domain's `dns`: DNS over TLS only (agents' stubs speak it), or plain DNS
+# on its gateway too, for machines without an agent.
+DNS_MODES = ("tls", "plain")
+
+
+def service_ports(domain: Domain, service: str) -> tuple[tuple[str, int], ...]:
+    """What one of dom0's services listens on for this domain's machines."""
+    ports = SERVICES[service]
+    if service in ("dns", "dot") and domain.dns == "plain":
+        return PLAIN_DNS + ports
+    return ports
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +153,23 @@ class Domain:
     # for its containers, the one at the machine's offset in `pool`
     containers: int | None = None
     containers_pool: IPv4Network | None = None
+    dns: str = "tls"  # one of DNS_MODES
+    # scheduled remapping (seconds; None: addresses never move): every machine
+    # gets a new address every `remap_every`, keeping its old one `remap_grace`
+    remap_every: int | None = None
+    remap_grace: int | None = None
+
+    def record_ttl(self, ttl: int) -> int:
+        """Its records' TTL given [dns] ttl: within half the remap grace, so that
+        no resolver holds a withdrawn address (remap_grace >= 2 x TTL)."""
+        if self.remap_grace is None:
+            return ttl
+        return max(1, min(ttl, self.remap_grace // 2))
+
+    @property
+    def resolves(self) -> bool:
+        """Its machines may ask dom0's DNS service."""
+        return "dns" in self.services or "dot" in self.services
 
     @property
     def nets(self) -> tuple[IPv4Network, ...]:
@@ -247,6 +280,17 @@ class Host:
 
 
 @dataclass(frozen=True, slots=True)
+class Dns:
+    """dom0's DNS service ([dns]): the site's names, and where others are asked."""
+
+    # DNS-over-TLS upstreams, "ADDRESS[@PORT][#TLS-NAME]" (unbound's forward-addr
+    # form); () with an uplink: dom0 resolves names outside the site itself
+    upstream: tuple[str, ...] = ()
+    upstream_ca: str | None = None  # the upstreams' CA bundle (default: the system's)
+    ttl: int = 300  # seconds: the site's records
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """What one machine or one port may use of dom0, whatever it sends."""
 
@@ -284,6 +328,7 @@ class Policy:
     publish: tuple[Publish, ...] = ()  # ports offered to the outside
     agent_certificate_seconds: int = 86400  # [agents] certificate_life: agents renew at half
     advertise: bool = True  # [agents] advertise: _dom0._tcp by mDNS where agents enroll
+    dns: Dns = field(default_factory=Dns)
 
     @property
     def mdns_pools(self) -> tuple[str, ...]:

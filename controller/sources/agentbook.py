@@ -84,6 +84,9 @@ class ConfigBook:
     records: dict[str, Record] = field(default_factory=dict)
     live: dict[str, Live] = field(default_factory=dict)
     _events: dict[str, trio.Event] = field(default_factory=dict)
+    # called with an agent's name and its report when the containers it
+    # reports change (their names in DNS: kept while it is away)
+    on_containers: Callable[[str, dict[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         with transaction(self.db):
@@ -200,7 +203,10 @@ class ConfigBook:
 
     def status(self, name: str, version: int | None, report: dict[str, Any]) -> None:
         if (live := self.live.get(name)) is not None:
+            before = live.report.get("containers") if isinstance(live.report, dict) else None
             live.report, live.reported_version = report, version
+            if report.get("containers") != before and self.on_containers is not None:
+                self.on_containers(name, report)
 
     # -- what `dom0 status` shows ----------------------------------------------------------
     def report(self) -> list[dict[str, Any]]:

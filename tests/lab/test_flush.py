@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from common import processes as records
+from controller.drivers import dns
 from controller.drivers.dhcp import record_path
 from controller.lab import controllerproc, netns, processes
 from controller.lab.rundir import Lab
@@ -68,7 +69,8 @@ def routing(lab: Lab) -> str:
 
 
 def daemons(lab: Lab) -> list[records.ProcessRecord]:
-    files = [record_path(lab.state_dir), *sorted((lab.state_dir / "wireguard").glob("*.json"))]
+    files = [record_path(lab.state_dir), dns.record_path(lab.state_dir),
+             *sorted((lab.state_dir / "wireguard").glob("*.json"))]  # fmt: skip
     recs = [records.read_record(f) for f in files]
     return [r for r in recs if r is not None]
 
@@ -80,7 +82,7 @@ def dom0_present(lab: Lab) -> bool:
         and "10.250.0.1/16" in addrs.get("virbr0", set())
         and {"hub0", "wg0"} <= addrs.keys()
         and "proto 100" in routing(lab)
-        and len([r for r in daemons(lab) if records.is_running(r)]) == 3
+        and len([r for r in daemons(lab) if records.is_running(r)]) == 4  # (with unbound)
     )
 
 
@@ -111,7 +113,7 @@ def test_flush_removes_dom0s_data_plane_and_only_it(make_lab: Any) -> None:
     report = json.loads(r.stdout)
     assert report["failed"] == []
     kinds = {x["kind"] for x in report["removed"]}
-    assert {"dnsmasq", "wireguard-go", "rule", "route", "address", "table"} <= kinds
+    assert {"dnsmasq", "unbound", "wireguard-go", "rule", "route", "address", "table"} <= kinds
 
     left = tables(lab)
     assert not (left & DOM0_TABLES) and ("inet", "foreign") in left
@@ -121,7 +123,7 @@ def test_flush_removes_dom0s_data_plane_and_only_it(make_lab: Any) -> None:
     routes = routing(lab)
     assert "proto 100" not in routes
     assert f"{FOREIGN_ROUTE} dev virbr0 table {UPLINK_TABLE}" in routes
-    assert len(daemons_before) == 3
+    assert len(daemons_before) == 4  # dnsmasq, unbound, wireguard-go for wg0 and hub0
     assert not any(records.is_running(rec) for rec in daemons_before)
     assert list((lab.state_dir / "dhcp" / "hosts").iterdir()) == []
     assert (lab.state_dir / "state.sqlite").exists()  # the store is kept

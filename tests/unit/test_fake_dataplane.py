@@ -297,9 +297,12 @@ def test_dhcp_replies_go_only_to_the_machine_they_are_for(fake: FakeDataPlane) -
 
 def test_services_only_on_the_own_gateway(fake: FakeDataPlane) -> None:
     for i, own, other in ((1, "10.10.0.1", "10.20.0.1"), (2, "10.20.0.1", "10.10.0.1")):
+        # dns: DNS over TLS (tcp/853); plain DNS only where a domain says "plain"
+        assert fake.verdict(frame(i, dst=own, proto="tcp", dport=853)).delivered == {DOM0}
+        v = fake.verdict(frame(i, dst=other, proto="tcp", dport=853))
+        assert not v.passes and v.drops[0].chain == "to_host"
         for proto in ("udp", "tcp"):
-            assert fake.verdict(frame(i, dst=own, proto=proto, dport=53)).delivered == {DOM0}
-            v = fake.verdict(frame(i, dst=other, proto=proto, dport=53))
+            v = fake.verdict(frame(i, dst=own, proto=proto, dport=53))
             assert not v.passes and v.drops[0].chain == "to_host"
             assert not fake.verdict(frame(i, dst=own, proto=proto, dport=22)).passes
         assert fake.verdict(frame(i, dst=own, proto="icmp")).delivered == {DOM0}
@@ -366,9 +369,10 @@ def test_hub_machines_talk_through_the_hub_only() -> None:
         "hub0"
     }
     assert not fake.verdict(Packet("hub0", src="10.10.0.2", dst="10.20.0.2", dport=7)).passes
-    dns = Packet("hub0", src="10.10.0.2", dst="10.10.0.1", dport=53)
-    assert fake.verdict(dns).delivered == {DOM0}
-    assert not fake.verdict(Packet("hub0", src="10.10.0.2", dst="10.20.0.1", dport=53)).passes
+    dot = Packet("hub0", src="10.10.0.2", dst="10.10.0.1", proto="tcp", dport=853)
+    assert fake.verdict(dot).delivered == {DOM0}
+    other = Packet("hub0", src="10.10.0.2", dst="10.20.0.1", proto="tcp", dport=853)
+    assert not fake.verdict(other).passes
     # a source whose route is not the hub fails the reverse path check
     v = fake.verdict(Packet("hub0", src="10.250.0.2", dst="10.10.0.3", dport=7))
     assert not v.passes and v.drops[0].chain == "rpf"

@@ -523,7 +523,7 @@ def test_unknown_keys_say_did_you_mean() -> None:
     out = problems(BASE.replace("internet = true", "intenet = true"))
     assert out == [
         "p.toml: domains.x.intenet: unknown key (did you mean 'internet'?), expected one of: "
-        "pool, gateway, reach, members_reach, internet, services, hub, allow, ipv6, pool6, containers, containers_pool"
+        "pool, gateway, reach, members_reach, internet, services, hub, allow, ipv6, pool6, containers, containers_pool, dns, remap_every, remap_grace"
     ]
     # the control: nothing close, no guess
     out = problems(BASE.replace("internet = true", "zzzz = true"))

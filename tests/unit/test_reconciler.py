@@ -144,6 +144,15 @@ class World:
     def reload(self, which: int) -> None:
         self.rec.set_policy(self.policies[which])
 
+    def remap(self, mac: str) -> None:
+        """`dom0 remap now --machine MAC`, as the engine runs it."""
+        self.rec.remap(int(self.clock.now), force=[mac])
+
+    def tick(self) -> None:
+        """Time passes; the engine's remap timer ends the graces that are over."""
+        self.clock.now += 600
+        self.rec.remap(int(self.clock.now))
+
     # -- the comparison -----------------------------------------------------------
     def held(self, rec: Reconciler, nft: MemoryNft, addresses, tunnels) -> dict:
         return {
@@ -185,6 +194,7 @@ ops = st.lists(
         st.tuples(st.just("forget"), st.sampled_from(MACS), st.integers(1, 4)),
         st.tuples(st.just("lease"), st.sampled_from(MACS)),
         st.tuples(st.just("reload"), st.integers(0, 1)),
+        st.tuples(st.just("remap"), st.sampled_from(MACS)),
         st.tuples(st.sampled_from(["fail_nft", "fail_peers", "fail_addresses", "resync", "tick"])),
     ),
     max_size=40,
@@ -201,8 +211,6 @@ def run(world: World, sequence: list) -> None:
             world.addresses.fail_next = 1
         elif op == "resync":
             world.rec.request_resync(repair=True)
-        elif op == "tick":
-            world.clock.now += 600
         else:
             getattr(world, op)(*args)
         world.catch_up()
@@ -300,3 +308,107 @@ def test_machines_are_found_by_name_after_every_change(tmp_path: Path) -> None:
     assert names["web1.x.internal"] == MACS[0] and names["web2.x.internal"] == MACS[2]
     w.rec.ledger.remove(MACS[2])
     assert "web2.x.internal" not in w.rec.named()  # (the index follows the ledger)
+
+
+def test_a_remap_keeps_both_addresses_through_the_grace_then_frees_the_old(
+    tmp_path: Path,
+) -> None:
+    """Make-before-break on dom0's side: the new address is the machine's at
+    once and the old one stays its own (bound to its port and MAC, in self4,
+    its containers' prefix routed) until the grace is over; then the old one
+    is bound to nobody and free in the pool; the history keeps both."""
+    w = World(tmp_path / "s", "bridge")
+    w.port_up(1)
+    w.learn(MACS[0], 1)
+    w.catch_up()
+    before = w.rec.ledger.get(MACS[0])
+    assert before is not None and before.address is not None
+    moved = w.rec.remap(int(w.clock.now), force=[MACS[0]], grace=300)
+    w.catch_up()
+    after = w.rec.ledger.get(MACS[0])
+    assert after is not None and after.address is not None
+    assert moved == [{"name": "web1.x.internal", "mac": MACS[0], "from": before.address,
+                      "to": after.address, "until": int(w.clock.now) + 300}]  # fmt: skip
+    assert (after.slot, after.previous) == (before.slot, before.address)  # the name stays
+    binding = w.nft.sets[("bridge", "binding")]
+    assert {("vnet1", MACS[0], before.address), ("vnet1", MACS[0], after.address)} <= binding
+    assert {(x, x) for x in (before.address, after.address)} <= w.nft.sets[("inet", "self4")]
+    assert w.rec.hosts.read()[MACS[0]].address == after.address  # DHCP: the new one
+    x = w.rec.policy.domains["x"]
+    assert {str(x.delegated(before.address)), str(x.delegated(after.address))} == {
+        r[0] for r in w.addresses.routes}  # fmt: skip
+    assert w.held(w.rec, w.nft, w.addresses, w.tunnels) == w.from_scratch(tmp_path / "x")
+    # another remap waits for the grace to end
+    assert w.rec.remap(int(w.clock.now), force=[MACS[0]]) == []
+    w.clock.now += 300
+    w.rec.remap(int(w.clock.now))
+    w.catch_up()
+    done = w.rec.ledger.get(MACS[0])
+    assert done is not None and done.previous is None and done.address == after.address
+    assert not any(e[2] == before.address for e in w.nft.sets[("bridge", "binding")])
+    assert before.address not in w.rec.ledger.addresses["x"]  # free in the pool
+    history = w.rec.store.address_history("odd", 1)
+    assert [(h["address"], h["until"] is None) for h in history] == [
+        (after.address, True), (before.address, False)]  # fmt: skip
+    assert w.held(w.rec, w.nft, w.addresses, w.tunnels) == w.from_scratch(tmp_path / "y")
+
+
+def test_a_hub_machine_keeps_both_addresses_in_its_peer_through_the_grace(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path / "s", "hub")
+    w.port_up(1)
+    w.learn(MACS[0], 1)
+    w.catch_up()
+    before = w.rec.ledger.get(MACS[0])
+    assert before is not None
+    w.rec.remap(int(w.clock.now), force=[MACS[0]], grace=300)
+    w.catch_up()
+    after = w.rec.ledger.get(MACS[0])
+    assert after is not None and after.underlay == before.underlay
+    (peer,) = w.tunnels.peers.values()
+    assert {f"{before.address}/32", f"{after.address}/32"} <= set(peer.allowed_ips)
+    w.clock.now += 300
+    w.rec.remap(int(w.clock.now))
+    w.catch_up()
+    (peer,) = w.tunnels.peers.values()
+    assert f"{before.address}/32" not in peer.allowed_ips
+
+
+def test_a_machine_that_randomizes_its_mac_keeps_its_name_across_remaps(tmp_path: Path) -> None:
+    """The slot carries the name, not the MAC: a guest that takes a new MAC of
+    its rule on its port carries on as the same machine, through a remap's
+    grace (both its addresses stay its own) and through the next remap."""
+    w = World(tmp_path / "s", "bridge")
+    w.port_up(1)
+    w.learn(MACS[0], 1)
+    w.catch_up()
+    w.lease(MACS[0])  # (established: it held its lease)
+    w.catch_up()
+    first = w.rec.ledger.get(MACS[0])
+    assert first is not None
+    w.rec.remap(int(w.clock.now), force=[MACS[0]], grace=300)
+    w.catch_up()
+    remapped = w.rec.ledger.get(MACS[0])
+    assert remapped is not None and remapped.previous == first.address
+    random_mac = "52:54:00:d0:5a:17"  # (odd: rule "odd", as the old one)
+    w.forget(MACS[0], 1)
+    w.learn(random_mac, 1)
+    w.catch_up()
+    carried = w.rec.ledger.get(random_mac)
+    assert carried is not None and w.rec.ledger.get(MACS[0]) is None
+    assert (carried.rule, carried.slot, carried.address, carried.previous) == (
+        remapped.rule, remapped.slot, remapped.address, remapped.previous)  # fmt: skip
+    assert w.rec.find("web1.x.internal") == carried
+    assert {("vnet1", random_mac, first.address), ("vnet1", random_mac, remapped.address)} <= (
+        w.nft.sets[("bridge", "binding")])  # fmt: skip
+    w.tick()  # the grace ends
+    w.catch_up()
+    w.rec.remap(int(w.clock.now), force=[random_mac], grace=300)
+    w.catch_up()
+    again = w.rec.ledger.get(random_mac)
+    assert again is not None and again.previous == remapped.address
+    assert w.rec.find("web1.x.internal") == again
+    history = w.rec.store.address_history("odd", 1)
+    assert [h["address"] for h in history] == [again.address, remapped.address, first.address]
+    assert w.held(w.rec, w.nft, w.addresses, w.tunnels) == w.from_scratch(tmp_path / "x")

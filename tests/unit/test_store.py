@@ -124,9 +124,9 @@ def test_schema_1_is_migrated(tmp_path: Path) -> None:
     assert s.allocations() == [
         Allocation("52:54:00:00:00:01", "web", 1, "x", "10.10.0.9", "vnet1", confirmed=True)
     ]
-    assert s.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("3",)
+    assert s.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("4",)
     tables = {r[0] for r in s.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"meta", "allocations"}  # what is applied is read from the drivers
+    assert tables == {"meta", "allocations", "address_history"}  # (what is applied: the drivers)
     s.commit_allocations(
         [Allocation("52:54:00:00:00:02", "web", 2, "x", "10.10.0.10", "vnet2", None, "10.250.0.7")]
     )
