@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +110,9 @@ def remap_now(rec: Reconciler, name: object, now: int) -> dict[str, Any]:
         if a.rule == QUARANTINE or a.address is None or a.absent_since is not None:
             return {"ok": False, "error": f"{fqdn}: not admitted with an address: not remapped"}
         if a.previous is not None:
+            until = datetime.fromtimestamp(a.previous_until or 0, UTC).isoformat()
             return {"ok": False, "error": f"{fqdn}: still holds {a.previous} from its last "
-                    f"remap, until {a.previous_until}"}  # fmt: skip
+                    f"remap, until {until}"}  # fmt: skip
         rule = rec.policy.rule(a.rule)
         if rule is not None and rule.pins:
             return {"ok": False, "error": f"{fqdn}: its rule pins its address: never remapped"}

@@ -97,6 +97,8 @@ def unbound_conf(config: DnsConfig, root: Path, cert: Path | None, username: str
         "  access-control: ::1/128 allow",
     ]
     lines += [f"  access-control: {net} allow" for net in config.clients]
+    if config.recurse and config.upstream:
+        lines.append(f'  tls-cert-bundle: "{config.upstream_ca or SYSTEM_CA}"')
     lines += [
         f'  username: "{username}"',
         '  chroot: ""',
@@ -138,7 +140,6 @@ def unbound_conf(config: DnsConfig, root: Path, cert: Path | None, username: str
     if config.recurse and config.upstream:
         lines += ["forward-zone:", '  name: "."', "  forward-tls-upstream: yes"]
         lines += [f"  forward-addr: {u}" for u in config.upstream]
-        lines.insert(1, f'  tls-cert-bundle: "{config.upstream_ca or SYSTEM_CA}"')
     return "\n".join(lines) + "\n"
 
 
